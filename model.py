@@ -1,0 +1,827 @@
+"""
+NemotronH: the hybrid Mamba-2 / attention / MoE language model of Nemotron 3 Nano and Nemotron-Cascade 2,
+in plain PyTorch.
+
+The layer pattern string gives one character per layer:  M Mamba-2 mixer,  * attention,  E MoE,  - dense MLP.
+Every layer is pre-norm with a residual:  h = h + mixer(RMSNorm(h)).  The end:  logits = lm_head(RMSNorm(h)).
+There is no positional encoding anywhere: the Mamba layers carry position.
+
+Parameter names equal the released HF checkpoint's (backbone.layers.{i}.mixer....), except that routed experts
+are stacked into [E, I, H] / [E, H, I] tensors for the grouped matmul; from_pretrained / save_pretrained convert.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import moe_kernels
+
+LAYER_KINDS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+HF_BLOCK_TYPES = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}  # transformers 5 names
+# Tensors kept in fp32 whatever the model dtype: the SSM decay, the skip, and everything that picks experts
+# (the correction bias in bf16 flips expert choices).
+FP32_TENSORS = ("A_log", "D", "gate.weight", "gate.e_score_correction_bias")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    # Field names are the HF NemotronH config.json's; defaults are Nemotron 3 Nano 30B-A3B.
+    vocab_size: int = 131072
+    hidden_size: int = 2688
+    hybrid_override_pattern: str = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+    layer_norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    # attention
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 2
+    head_dim: int = 128
+    # Mamba-2
+    mamba_num_heads: int = 64
+    mamba_head_dim: int = 64
+    ssm_state_size: int = 128
+    n_groups: int = 8
+    conv_kernel: int = 4
+    use_conv_bias: bool = True
+    use_bias: bool = False                # in_proj / out_proj bias
+    chunk_size: int = 128
+    time_step_min: float = 0.001          # init range of dt
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    time_step_limit: tuple = (0.0, float("inf"))
+    # MoE and dense MLP (relu^2, not gated)
+    n_routed_experts: int = 128
+    num_experts_per_tok: int = 6
+    n_shared_experts: int = 1
+    moe_intermediate_size: int = 1856
+    moe_shared_expert_intermediate_size: int = 3712
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    intermediate_size: int = 1856         # dense MLP ('-') width
+    mlp_bias: bool = False
+    mlp_hidden_act: str = "relu2"
+    mamba_hidden_act: str = "silu"
+    # init and tokens
+    initializer_range: float = 0.02
+    rescale_prenorm_residual: bool = True
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    max_position_embeddings: int = 262144
+    # ours, not HF's: which MoE kernels run ("auto" = Triton on CUDA, torch elsewhere)
+    moe_impl: str = "auto"
+
+    def __post_init__(self):
+        self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
+        self.validate()
+
+    @property
+    def num_hidden_layers(self):
+        return len(self.hybrid_override_pattern)
+
+    def validate(self):
+        def bad(field, why):
+            raise ValueError(f"ModelConfig.{field}: {why}")
+        unknown = sorted(set(self.hybrid_override_pattern) - set(LAYER_KINDS))
+        if not self.hybrid_override_pattern or unknown:
+            bad("hybrid_override_pattern", f"unknown layer characters {unknown} in {self.hybrid_override_pattern!r}; "
+                f"allowed: {''.join(LAYER_KINDS)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
+                f"num_attention_heads={self.num_attention_heads}")
+        if self.mamba_num_heads % self.n_groups:
+            bad("n_groups", f"{self.n_groups} does not divide mamba_num_heads={self.mamba_num_heads}")
+        if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+            bad("num_experts_per_tok", f"{self.num_experts_per_tok} must be in [1, n_routed_experts="
+                f"{self.n_routed_experts}]")
+        if self.n_shared_experts not in (0, 1):
+            bad("n_shared_experts", f"{self.n_shared_experts}: NemotronH has at most one shared expert")
+        if (self.n_group, self.topk_group) != (1, 1):
+            bad("n_group", f"group-limited routing (n_group={self.n_group}, topk_group={self.topk_group}) is not "
+                "implemented; NemotronH uses 1/1")
+        if self.mlp_hidden_act != "relu2":
+            bad("mlp_hidden_act", f"{self.mlp_hidden_act!r}: only 'relu2' (NemotronH) is implemented")
+        if self.mamba_hidden_act != "silu":
+            bad("mamba_hidden_act", f"{self.mamba_hidden_act!r}: only 'silu' is implemented")
+        if self.tie_word_embeddings:
+            bad("tie_word_embeddings", "tied embeddings are not supported (NemotronH releases are untied)")
+        if self.chunk_size < 1 or self.conv_kernel < 1:
+            bad("chunk_size", "chunk_size and conv_kernel must be positive")
+        if self.moe_impl not in moe_kernels.MOE_IMPLS:
+            bad("moe_impl", f"{self.moe_impl!r} must be one of {moe_kernels.MOE_IMPLS}")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        """Build from an HF config.json dict. Unused HF fields are ignored; contradictions raise ValueError."""
+        d = dict(d)
+        pattern = d.get("hybrid_override_pattern")
+        if d.get("layers_block_type") is not None:      # transformers 5 writes a list of block types
+            to_char = {v: k for k, v in HF_BLOCK_TYPES.items()}
+            unknown = [t for t in d["layers_block_type"] if t not in to_char]
+            if unknown:
+                raise ValueError(f"ModelConfig.layers_block_type: unknown block types {unknown}")
+            from_list = "".join(to_char[t] for t in d["layers_block_type"])
+            if pattern is not None and pattern != from_list:
+                raise ValueError(f"ModelConfig.hybrid_override_pattern: {pattern!r} contradicts "
+                                 f"layers_block_type {from_list!r}")
+            d["hybrid_override_pattern"] = pattern = from_list
+        n_layers = d.get("num_hidden_layers")
+        if pattern is not None and n_layers is not None and n_layers != len(pattern):
+            raise ValueError(f"ModelConfig.num_hidden_layers: {n_layers} contradicts hybrid_override_pattern "
+                             f"{pattern!r} of length {len(pattern)}")
+        if isinstance(d.get("eos_token_id"), list):
+            d["eos_token_id"] = d["eos_token_id"][0]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
+
+    def to_hf(self) -> dict:
+        """The HF config.json dict (transformers' NemotronHConfig reads it). moe_impl is a run-time choice: left out."""
+        d = asdict(self)
+        d.pop("moe_impl")
+        d["time_step_limit"] = list(self.time_step_limit)
+        d.update(architectures=["NemotronHForCausalLM"], model_type="nemotron_h",
+                 num_hidden_layers=self.num_hidden_layers, attention_bias=False, mamba_proj_bias=self.use_bias)
+        return d
+
+    @classmethod
+    def from_json(cls, path) -> "ModelConfig":
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_hf(d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Norms
+
+
+class RMSNorm(nn.Module):
+    """y = weight * x / rms(x), computed in fp32 (weight multiplied in fp32 too), cast back."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+class GatedGroupRMSNorm(nn.Module):
+    """Mamba-2's output norm: y = groupRMSNorm(x * silu(z)) * weight, one RMS per group of channels, in fp32."""
+
+    def __init__(self, dim, n_groups, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.n_groups, self.eps = n_groups, eps
+
+    def forward(self, x, z):
+        y = x.float() * F.silu(z.float())
+        y = y.unflatten(-1, (self.n_groups, -1))
+        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps)
+        return self.weight.float() * y.flatten(-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mamba-2
+
+
+def causal_conv1d(x, weight, bias, past=None, same_doc=None):
+    """
+    Depthwise causal conv over time:  out[t, c] = bias[c] + sum_j weight[c, j] * x[t - (K-1) + j, c].
+    x [B, T, C]; weight [C, K]; past [B, K-1, C] holds the inputs before x (zeros at a sequence start);
+    same_doc [B, T, K] (optional) zeroes taps that reach into another packed document.
+    Returns (out [B, T, C], new_past [B, K-1, C]).
+    """
+    K = weight.shape[-1]
+    if past is None:
+        past = x.new_zeros(x.shape[0], K - 1, x.shape[2])
+    xp = torch.cat([past.to(x.dtype), x], dim=1)
+    windows = xp.unfold(1, K, 1)                                   # [B, T, C, K], a view
+    if same_doc is not None:
+        windows = windows * same_doc.unsqueeze(2).to(x.dtype)
+    out = torch.einsum("btck,ck->btc", windows, weight)
+    if bias is not None:
+        out = out + bias
+    return out, xp[:, xp.shape[1] - (K - 1):]
+
+
+def segsum(a):
+    """
+    seg[..., i, j] = a[..., j+1] + ... + a[..., i] for j <= i, -inf above the diagonal; exp(seg) is the decay
+    from step j to step i. Summed by masking and cumsum, not by differences of a cumsum: stable, and exact
+    when a holds -inf (a document start), where a difference would give inf - inf = nan.
+    """
+    L = a.shape[-1]
+    x = a.unsqueeze(-1).expand(*a.shape, L)                       # x[..., i, j] = a[..., i]
+    below = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device), diagonal=-1)
+    seg = x.masked_fill(~below, 0).cumsum(dim=-2)
+    causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device))
+    return seg.masked_fill(~causal, float("-inf"))
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size, initial_state=None, reset=None):
+    """
+    The Mamba-2 selective scan in its chunked (SSD) form. All fp32.
+        S_t = exp(dt_t * A) * S_{t-1} + dt_t * outer(x_t, B_t)      state [p, n] per head
+        y_t = S_t @ C_t
+    x [b, T, h, p]; dt [b, T, h] (after softplus); A [h] (negative); B, C [b, T, g, n], head i uses group
+    i // (h/g); reset [b, T] bool: the state is zeroed before step t (packed document starts).
+    Within a chunk the recurrence is a masked decay matrix (attention-like); between chunks a short loop
+    carries the chunk states. Returns (y [b, T, h, p], final state [b, h, p, n]).
+    """
+    b, T, h, p = x.shape
+    g, n = B.shape[-2:]
+    r = h // g
+    a = dt * A                                                     # log decay per step, <= 0
+    if reset is not None:
+        a = a.masked_fill(reset.unsqueeze(-1), float("-inf"))
+    xdt = x * dt.unsqueeze(-1)
+    pad = (-T) % chunk_size
+    if pad:  # zero input and zero log-decay: padding steps change nothing
+        xdt, a, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xdt, a, B, C))
+    c, l = (T + pad) // chunk_size, chunk_size
+    xdt = xdt.reshape(b, c, l, g, r, p)
+    B, C = B.reshape(b, c, l, g, n), C.reshape(b, c, l, g, n)
+    a = a.reshape(b, c, l, g, r).permute(0, 1, 3, 4, 2)             # [b, c, g, r, l]
+    a_cum = a.cumsum(-1)                                            # decay from chunk start to step l
+
+    # 1. within each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) dt_s x_s
+    decay = torch.exp(segsum(a))                                    # [b, c, g, r, l, s]
+    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)
+    y = torch.einsum("bcgrls,bcsgrp->bclgrp", CB.unsqueeze(3) * decay, xdt)
+
+    # 2. each chunk's own contribution to the state at its end: decay from step l to the chunk end
+    a_after = F.pad(a.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))   # a_{l+1} + ... + a_last (shift, no diff)
+    chunk_states = torch.einsum("bclgn,bcgrl,bclgrp->bcgrpn", B, torch.exp(a_after), xdt)
+
+    # 3. carry states across chunks: S_c = exp(sum of chunk c's log decays) * S_{c-1} + chunk_states_c
+    state = x.new_zeros(b, g, r, p, n) if initial_state is None else initial_state.reshape(b, g, r, p, n).float()
+    chunk_decay = torch.exp(a_cum[..., -1])                         # [b, c, g, r]
+    start_states = []
+    for ci in range(c):
+        start_states.append(state)
+        state = state * chunk_decay[:, ci, ..., None, None] + chunk_states[:, ci]
+    start_states = torch.stack(start_states, dim=1)                  # [b, c, g, r, p, n]
+
+    # 4. the carried-in state seen from inside each chunk
+    y = y + torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", C, start_states, torch.exp(a_cum))
+    y = y.reshape(b, c * l, h, p)[:, :T]
+    return y, state.reshape(b, h, p, n)
+
+
+def ssm_step(state, x, dt, A, B, C):
+    """One token of the same recurrence. state [b, h, p, n] fp32, x [b, h, p], dt [b, h], B, C [b, g, n]."""
+    h, g = x.shape[1], B.shape[1]
+    B, C = B.repeat_interleave(h // g, dim=1), C.repeat_interleave(h // g, dim=1)     # [b, h, n]
+    state = state * torch.exp(dt * A)[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, C)
+    return y, state
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.head_dim, self.n_groups, self.d_state = (
+            cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size)
+        self.d_inner = self.n_heads * self.head_dim                 # not expand * hidden
+        self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
+        self.in_proj = nn.Linear(cfg.hidden_size, self.d_inner + self.conv_dim + self.n_heads, bias=cfg.use_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim,
+                                bias=cfg.use_conv_bias)           # kept as nn.Conv1d for the checkpoint's names
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = GatedGroupRMSNorm(self.d_inner, self.n_groups, cfg.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.use_bias)
+
+    def forward(self, u, valid=None, doc=None, cache=None):
+        """u [B, T, H]; valid [B, T] bool (False = padding); doc: dict with reset [B, T] and same_doc [B, T, K]."""
+        bsz, T, _ = u.shape
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        if valid is not None:           # padding must not leak into the state: zero inputs, no decay
+            xBC = xBC * valid.unsqueeze(-1).to(xBC.dtype)
+        xBC, conv_past = causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                       past=cache["conv"] if cache else None,
+                                       same_doc=doc["same_doc"] if doc else None)
+        xBC = F.silu(xBC)
+        x, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        x = x.float().unflatten(-1, (self.n_heads, self.head_dim))
+        B = B.float().unflatten(-1, (self.n_groups, self.d_state))
+        C = C.float().unflatten(-1, (self.n_groups, self.d_state))
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        lo, hi = self.cfg.time_step_limit
+        if (lo, hi) != (0.0, float("inf")):
+            dt = dt.clamp(lo, hi)
+        if valid is not None:
+            dt = dt * valid.unsqueeze(-1)
+        A = -torch.exp(self.A_log.float())
+
+        if cache is not None and T == 1:
+            y, ssm_state = ssm_step(cache["ssm"], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+            y = y.unsqueeze(1)
+        else:
+            y, ssm_state = ssd_scan(x, dt, A, B, C, self.cfg.chunk_size,
+                                    initial_state=cache["ssm"] if cache else None,
+                                    reset=doc["reset"] if doc else None)
+        if cache is not None:
+            cache["conv"], cache["ssm"] = conv_past.detach(), ssm_state.detach()
+        y = y + x * self.D.float()[:, None]
+        y = self.norm(y.flatten(-2), z)                               # gate before the norm
+        return self.out_proj(y.to(u.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention (GQA, no positional encoding)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, attn_mask=None, cache=None, pos=0):
+        """attn_mask [B, 1, T, S] bool (True = may attend) or None for plain causal; cache: dict of k, v buffers
+        [B, n_kv, max_len, head_dim] written at positions [pos, pos + T)."""
+        bsz, T, _ = x.shape
+        q = self.q_proj(x).view(bsz, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            cache["k"][:, :, pos:pos + T] = k
+            cache["v"][:, :, pos:pos + T] = v
+            k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
+        # kv head j serves q heads [j*g, (j+1)*g): enable_gqa repeats them inside SDPA
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(bsz, T, -1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLP and MoE (relu^2, not gated)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden, width, bias=False):
+        super().__init__()
+        self.up_proj = nn.Linear(hidden, width, bias=bias)
+        self.down_proj = nn.Linear(width, hidden, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # Picks experts, never weighs them; updated by the aux-loss-free balancing rule, not by the optimizer.
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+
+class Experts(nn.Module):
+    """Routed experts stacked for the grouped matmul: up_proj [E, I, H], down_proj [E, H, I]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, I, H = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.up_proj = nn.Parameter(torch.empty(E, I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_shared_expert_intermediate_size, cfg.mlp_bias)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x):
+        cfg = self.cfg
+        impl = moe_kernels.resolve_moe_impl(cfg.moe_impl, x.device)
+        flat = x.reshape(-1, x.shape[-1])
+        logits = F.linear(flat.float(), self.gate.weight.float())                 # router in fp32
+        topk_weights, topk_ids = moe_kernels.route_topk(
+            logits, self.gate.e_score_correction_bias, cfg.num_experts_per_tok, cfg.routed_scaling_factor,
+            cfg.norm_topk_prob, impl=impl)
+        out = moe_kernels.moe_experts(flat, topk_ids, topk_weights, self.experts.up_proj, self.experts.down_proj,
+                                      impl=impl).view_as(x)
+        if self.shared_experts is not None:                                         # always on, no gate
+            out = out + self.shared_experts(x)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        if kind == "mamba":
+            self.mixer = Mamba2Mixer(cfg)
+        elif kind == "attention":
+            self.mixer = Attention(cfg)
+        elif kind == "moe":
+            self.mixer = MoE(cfg)
+        else:
+            self.mixer = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    def forward(self, h, valid=None, doc=None, attn_mask=None, cache=None, pos=0):
+        x = self.norm(h)
+        if self.kind == "mamba":
+            x = self.mixer(x, valid=valid, doc=doc, cache=cache)
+        elif self.kind == "attention":
+            x = self.mixer(x, attn_mask=attn_mask, cache=cache, pos=pos)
+        else:
+            x = self.mixer(x)
+        return h + x
+
+
+class InferenceCache:
+    """
+    Decoding state for a batch of left-padded rows, one entry per layer:
+      attention: k, v [B, n_kv, max_len, head_dim] (model dtype)
+      Mamba:     conv [B, K-1, conv_dim] (the last K-1 conv inputs), ssm [B, n_heads, head_dim, state] (fp32)
+    `valid` [B, max_len] marks cached positions that hold real tokens; `pos` counts positions written so far
+    (the same for every row, since rows are left-padded).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size, max_len, device=None, dtype=torch.float32):
+        self.max_len, self.pos = max_len, 0
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.layers = []
+        for c in cfg.hybrid_override_pattern:
+            if c == "*":
+                shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+                self.layers.append(dict(k=torch.zeros(shape, device=device, dtype=dtype),
+                                        v=torch.zeros(shape, device=device, dtype=dtype)))
+            elif c == "M":
+                conv_dim = cfg.mamba_num_heads * cfg.mamba_head_dim + 2 * cfg.n_groups * cfg.ssm_state_size
+                self.layers.append(dict(
+                    conv=torch.zeros(batch_size, cfg.conv_kernel - 1, conv_dim, device=device, dtype=dtype),
+                    ssm=torch.zeros(batch_size, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size,
+                                    device=device, dtype=torch.float32)))
+            else:
+                self.layers.append(None)
+
+    @property
+    def batch_size(self):
+        return self.valid.shape[0]
+
+    def select(self, rows: torch.Tensor):
+        """Keep, reorder or repeat rows (e.g. drop finished rows, or copy a prompt's prefill n times)."""
+        self.valid = self.valid[rows]
+        for layer in self.layers:
+            if layer is not None:
+                for key in layer:
+                    layer[key] = layer[key][rows]
+        return self
+
+
+def build_attn_mask(T, valid_k, q_pos, doc_q=None, doc_k=None):
+    """
+    [B, 1, T, S] bool: query i (absolute position q_pos + i) may see key j if j <= q_pos + i, key j is a real
+    token and, for packed sequences, both lie in the same document. Each query always sees itself, so rows of
+    padding never get an all-masked softmax (their outputs are unused).
+    """
+    S = valid_k.shape[1]
+    qi = torch.arange(T, device=valid_k.device)[:, None] + q_pos
+    kj = torch.arange(S, device=valid_k.device)[None, :]
+    mask = (kj <= qi)[None] & valid_k[:, None, :]
+    if doc_q is not None:
+        mask = mask & (doc_q[:, :, None] == doc_k[:, None, :])
+    mask = mask | (kj == qi)[None]
+    return mask.unsqueeze(1)
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = nn.ModuleDict(dict(
+            embeddings=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList([Block(config, LAYER_KINDS[c]) for c in config.hybrid_override_pattern]),
+            norm_f=RMSNorm(config.hidden_size, config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def hidden_states(self, input_ids, attention_mask=None, doc_ids=None, cache=None):
+        """
+        Final normed hidden states [B, T, H].
+        attention_mask [B, T]: 1 for real tokens, 0 for (left) padding. doc_ids [B, T]: packed-document ids;
+        tokens only see earlier tokens of their own document, and the Mamba state restarts at each document.
+        cache: an InferenceCache to prefill (T > 1) or step (T == 1); it advances by T positions.
+        """
+        bsz, T = input_ids.shape
+        valid = attention_mask.bool() if attention_mask is not None else None
+        pos = cache.pos if cache is not None else 0
+        if cache is not None:
+            if pos + T > cache.max_len:
+                raise ValueError(f"cache holds {cache.max_len} positions, {pos} used, {T} more asked")
+            cache.valid[:, pos:pos + T] = True if valid is None else valid
+        doc, attn_mask = None, None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids (packed documents) are for training; they cannot be used with a cache")
+            K = self.config.conv_kernel
+            prev = F.pad(doc_ids, (K - 1, 0), value=-1).unfold(1, K, 1)      # [B, T, K]: the conv taps' docs
+            doc = dict(reset=F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0), value=True),
+                       same_doc=prev == doc_ids.unsqueeze(-1))
+            real = valid if valid is not None else torch.ones_like(doc_ids, dtype=torch.bool)
+            attn_mask = build_attn_mask(T, real, 0, doc_ids, doc_ids)
+        elif cache is not None:
+            attn_mask = build_attn_mask(T, cache.valid[:, :pos + T], pos)
+        elif valid is not None:
+            attn_mask = build_attn_mask(T, valid, 0)
+
+        h = self.backbone.embeddings(input_ids)
+        for i, block in enumerate(self.backbone.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, valid, doc, attn_mask, layer_cache, pos, use_reentrant=False)
+            else:
+                h = block(h, valid=valid, doc=doc, attn_mask=attn_mask, cache=layer_cache, pos=pos)
+        if cache is not None:
+            cache.pos += T
+        return self.backbone.norm_f(h)
+
+    def forward(self, input_ids, attention_mask=None, doc_ids=None, cache=None):
+        """logits [B, T, V]."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, doc_ids, cache))
+
+    def token_logprobs(self, input_ids, targets, attention_mask=None, doc_ids=None, temperature=1.0,
+                       chunk_tokens=1024):
+        """
+        log p(targets[b, t] | input_ids[b, :t+1]) as [B, T] fp32, without materialising [B*T, V] fp32 logits:
+        the lm_head and log-softmax run over chunks of tokens, and under autograd each chunk is recomputed in
+        backward instead of stored. Targets < 0 (ignored positions) get logprob 0.
+        """
+        h = self.hidden_states(input_ids, attention_mask, doc_ids)
+        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        out = []
+        for start in range(0, flat_h.shape[0], chunk_tokens):
+            args = (flat_h[start:start + chunk_tokens], flat_t[start:start + chunk_tokens], self.lm_head.weight,
+                    temperature)
+            out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                       else _chunk_logprobs(*args))
+        return torch.cat(out).view_as(targets)
+
+    # -- init and size ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, generator=None):
+        """Training from scratch: normal(0, initializer_range) for projections and embeddings, residual-output
+        projections scaled by 1/sqrt(2 * n_layers) (GPT-2), and Mamba-2's own init for A, dt and D."""
+        cfg, std = self.config, self.config.initializer_range
+        out_std = std / math.sqrt(2 * cfg.num_hidden_layers) if cfg.rescale_prenorm_residual else std
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith(("norm.weight", "norm_f.weight")):
+                p.fill_(1.0)
+            elif leaf == "bias":
+                p.zero_()
+            elif leaf == "A_log":       # A = -uniform(1, 16)
+                p.copy_(torch.empty_like(p).uniform_(1, 16, generator=generator).log())
+            elif leaf == "D":
+                p.fill_(1.0)
+            elif leaf == "dt_bias":     # softplus(dt_bias) = dt ~ log-uniform(time_step_min, time_step_max)
+                lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+                dt = torch.exp(torch.empty_like(p).uniform_(lo, hi, generator=generator)).clamp(min=cfg.time_step_floor)
+                p.copy_(dt + torch.log(-torch.expm1(-dt)))                  # inverse softplus
+            elif "conv1d" in name:
+                bound = 1 / math.sqrt(cfg.conv_kernel)                      # nn.Conv1d's default fan-in bound
+                p.uniform_(-bound, bound, generator=generator)
+            elif name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                p.normal_(0.0, out_std, generator=generator)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for name, b in self.named_buffers():
+            b.zero_()                                                       # e_score_correction_bias
+
+    def num_params(self):
+        """{'total', 'active' (what one token uses: k of E routed experts), 'embedding'} parameter counts."""
+        cfg = self.config
+        total = sum(p.numel() for p in self.parameters())
+        routed = sum(p.numel() for n, p in self.named_parameters() if ".experts." in n)
+        active = total - routed + routed * cfg.num_experts_per_tok // cfg.n_routed_experts
+        return dict(total=total, active=active, embedding=self.backbone.embeddings.weight.numel())
+
+    def set_dtype(self, dtype):
+        """Cast to dtype, keeping FP32_TENSORS in fp32 (use this rather than .to(dtype), which casts them too)."""
+        for name, t in list(self.named_parameters()) + list(self.named_buffers()):
+            t.data = t.data.to(torch.float32 if name.endswith(FP32_TENSORS) else dtype)
+        return self
+
+    def new_cache(self, batch_size, max_len):
+        p = self.lm_head.weight
+        return InferenceCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    # -- HF checkpoints --------------------------------------------------------------------------------------
+
+    def hf_tensors(self):
+        """Yield (hf_name, tensor) in the released layout: one tensor per routed expert."""
+        for name, t in self.state_dict().items():
+            if name.endswith(("experts.up_proj", "experts.down_proj")):
+                prefix, proj = name.rsplit(".", 1)
+                for e in range(t.shape[0]):
+                    yield f"{prefix}.{e}.{proj}.weight", t[e]
+            else:
+                yield name, t
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, moe_impl=None):
+        """
+        Load an HF NemotronH directory (config.json + model.safetensors or model.safetensors.index.json shards).
+        The model is built on the meta device, allocated once, and filled one tensor at a time from the shards,
+        so a 30B checkpoint never sits in memory twice. dtype None = the config's torch_dtype (fp32 if absent);
+        FP32_TENSORS stay fp32 regardless.
+        """
+        from safetensors import safe_open
+
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"{cfg_path}: no config.json in checkpoint directory {path}")
+        config = ModelConfig.from_json(cfg_path)
+        if moe_impl is not None:
+            config.moe_impl = moe_impl
+            config.validate()
+        if dtype is None:
+            with open(cfg_path) as f:
+                raw = json.load(f)
+            dtype = getattr(torch, raw.get("torch_dtype") or raw.get("dtype") or "float32")
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.set_dtype(dtype)
+
+        # where each released tensor goes: hf name -> (our tensor, expert index or None)
+        ours = dict(model.state_dict(keep_vars=True))
+        targets = {}
+        for hf_name, t in model.hf_tensors():
+            stacked = ".experts." in hf_name and hf_name.rsplit(".", 3)[-3].isdigit()
+            if stacked:
+                prefix, e, proj, _ = hf_name.rsplit(".", 3)
+                targets[hf_name] = (ours[f"{prefix}.{proj}"], int(e))
+            else:
+                targets[hf_name] = (ours[hf_name], None)
+
+        index_path = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            shards = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+        seen, unexpected, misshaped = set(), [], []
+        for shard in shards:
+            with safe_open(os.path.join(path, shard), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    if name.startswith("mtp."):          # multi-token-prediction head: not used here
+                        continue
+                    seen.add(name)
+                    if name not in targets:
+                        unexpected.append(f"{name} {tuple(f.get_slice(name).get_shape())} (in {shard})")
+                        continue
+                    dest, e = targets[name]
+                    dest = dest.data if e is None else dest.data[e]
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(dest.shape):
+                        misshaped.append(f"{name}: expected {tuple(dest.shape)}, found {shape} (in {shard})")
+                        continue
+                    dest.copy_(f.get_tensor(name))
+        missing = [f"{n}: expected {tuple(targets[n][0].shape if targets[n][1] is None else targets[n][0].shape[1:])}"
+                   for n in targets if n not in seen]
+        if missing or unexpected or misshaped:
+            report = [f"checkpoint {path} does not match its config.json:"]
+            for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+                if items:
+                    report.append(f"  {title} ({len(items)}):")
+                    report += [f"    {s}" for s in items]
+            raise ValueError("\n".join(report))
+        return model
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """
+        Write config.json + safetensors in the released naming (sharded with model.safetensors.index.json above
+        max_shard_bytes), so transformers' NemotronHForCausalLM loads it. Written to a temporary directory beside
+        `path` and swapped in only when complete: a crash mid-save never leaves a half-written checkpoint.
+        """
+        from safetensors.torch import save_file
+
+        tensors = [(n, t.detach().contiguous()) for n, t in self.hf_tensors()]
+        shards, size = [[]], 0
+        for n, t in tensors:
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((n, t))
+            size += nbytes
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
+        try:
+            cfg = self.config.to_hf()
+            cfg["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+            if len(shards) == 1:
+                save_file(dict(shards[0]), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            else:
+                weight_map = {}
+                for i, shard in enumerate(shards):
+                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_file(dict(shard), os.path.join(tmp, fname), metadata={"format": "pt"})
+                    weight_map.update({n: fname for n, _ in shard})
+                total = sum(t.numel() * t.element_size() for _, t in tensors)
+                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            _swap_dir(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+
+
+def _chunk_logprobs(h, targets, lm_weight, temperature):
+    logits = F.linear(h, lm_weight).float() / temperature
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(targets >= 0, picked - logits.logsumexp(-1), 0.0)
+
+
+def _swap_dir(src, dst):
+    """Replace directory dst by src with a rename; the old dst is removed only after the new one is in place."""
+    if os.path.exists(dst):
+        old = dst.rstrip("/") + ".old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(src, dst)
+
+
+if __name__ == "__main__":
+    # Inspect a config: parameter counts (on the meta device, so even the 30B config costs nothing), and for
+    # small models one timed forward pass.
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("config", nargs="?", default="configs/tiny_model.json", help="HF-style config.json")
+    ap.add_argument("--batch", type=int, default=4, help="batch size of the test forward pass")
+    ap.add_argument("--seq-len", type=int, default=256, help="sequence length of the test forward pass")
+    ap.add_argument("--max-params", type=float, default=1e9, help="skip the forward pass above this many parameters")
+    args = ap.parse_args()
+    config = ModelConfig.from_json(args.config)
+    with torch.device("meta"):
+        counts = Model(config).num_params()
+    print(f"{args.config}: pattern {config.hybrid_override_pattern} ({config.num_hidden_layers} layers)")
+    print("parameters: " + ", ".join(f"{k} {v / 1e6:,.2f}M" for k, v in counts.items()))
+    if counts["total"] <= args.max_params:
+        torch.manual_seed(0)
+        model = Model(config).eval()
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = model(ids)
+        dt = time.perf_counter() - t0
+        print(f"forward {tuple(ids.shape)} -> logits {tuple(logits.shape)} in {dt * 1e3:.0f} ms "
+              f"({ids.numel() / dt:,.0f} tokens/s); loss at init {F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()):.3f} "
+              f"(ln V = {math.log(config.vocab_size):.3f})")
