@@ -1,0 +1,509 @@
+"""
+Generates the shipped tiny tasks and the tiny tokenizer:
+
+    data/sft.jsonl   prompts with a thinking-mode answer:  <think>\\nshort trace\\n</think>\\nanswer
+    data/rl.jsonl    prompts only (RL and MOPD sample their own answers)
+    data/eval.jsonl  held-out prompts only, for evaluation
+    data/tokenizer.json  byte-level BPE, 2048 tokens, trained on the rendered SFT conversations
+
+Five domains, one "domain" field per row (the schema of tasks.py). Each is small enough for a few-million-parameter
+model with a 256-token context to learn on a CPU in minutes, and has a knob that keeps some of it out of reach
+after SFT, which is what RL is for:
+
+    math  arithmetic word problems; the answer in \\boxed{}; one or two steps, numbers up to three digits
+    if    "write a sentence about X" under one or two IFEval constraints (case, ending phrase, keyword, word or
+          sentence count, JSON, no comma, quotation, title, postscript, forbidden word, first / last word)
+    mcqa  four-option questions over a fixed synthetic fact base; the relevant facts and two distractors are in
+          the prompt; the letter in \\boxed{}
+    json  an object following a small schema (2-4 fields drawn from a kind's fields) with values from the prompt
+    code  tiny stdin -> stdout Python programs (sum, max, reverse, count, ...), with a parameter (an offset, a
+          repeat count, a divisor) that changes per problem; 3 tests each
+
+Splits are disjoint by prompt text. Every example's reference answer is checked with tasks.reward (code runs in
+the sandbox) before it is written: every shipped prompt is solvable, every SFT answer scores 1.
+
+    python data/generate.py            # about a minute on 2 cores; deterministic for a given --seed
+"""
+
+import argparse
+import json
+import random
+import string
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import tasks  # noqa: E402
+
+COUNTS = {"sft": 1000, "rl": 400, "eval": 100}  # per domain
+CODE_COUNTS = {"sft": 600, "rl": 200, "eval": 100}  # code has fewer distinct problems (family x parameter)
+
+# -----------------------------------------------------------------------------
+# math: arithmetic word problems
+
+NAMES = ["Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lena", "Milo", "Nia",
+         "Omar", "Pia", "Quinn", "Rosa", "Sam", "Tess", "Uma", "Vik", "Wren", "Yara", "Zed"]
+ITEMS = ["apple", "book", "coin", "pencil", "stamp", "marble", "card", "shell", "sticker", "egg", "cookie", "flower"]
+
+
+def make_math(rng):
+    name, other = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    kind = rng.choice(["add", "add", "sub", "sub", "mul", "div", "two_step"])
+    if kind == "add":
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        q = f"{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?"
+        trace, answer = f"{a} + {b} = {a + b}", a + b
+    elif kind == "sub":
+        a = rng.randint(10, 150)
+        b = rng.randint(1, a - 1)
+        q = f"{name} had {a} {item}s and gave {b} to {other}. How many {item}s does {name} have left?"
+        trace, answer = f"{a} - {b} = {a - b}", a - b
+    elif kind == "mul":
+        a, b = rng.randint(2, 12), rng.randint(2, 15)
+        q = f"{name} buys {a} bags with {b} {item}s in each bag. How many {item}s is that in total?"
+        trace, answer = f"{a} * {b} = {a * b}", a * b
+    elif kind == "div":
+        b, each = rng.randint(2, 9), rng.randint(2, 12)
+        q = f"{name} shares {b * each} {item}s equally among {b} friends. How many {item}s does each friend get?"
+        trace, answer = f"{b * each} / {b} = {each}", each
+    else:
+        a, b = rng.randint(5, 60), rng.randint(2, 40)
+        c = rng.randint(1, a + b - 1)
+        q = (f"{name} has {a} {item}s, buys {b} more and then gives {c} to {other}. "
+             f"How many {item}s does {name} have now?")
+        trace, answer = f"{a} + {b} = {a + b}\n{a + b} - {c} = {a + b - c}", a + b - c
+    example = {"domain": "math", "messages": [{"role": "user", "content": q}], "answer": str(answer)}
+    return example, trace, f"The answer is \\boxed{{{answer}}}."
+
+
+# -----------------------------------------------------------------------------
+# if: a sentence about a topic, under one or two IFEval constraints
+
+TOPICS = {
+    "cats": ["cats", "my cat", "a small cat"], "dogs": ["dogs", "our dog", "a young dog"],
+    "rain": ["the rain", "a light rain", "summer rain"], "trees": ["old trees", "a tall tree", "the trees"],
+    "the sea": ["the sea", "the blue sea", "a calm sea"], "bread": ["fresh bread", "warm bread", "the bread"],
+    "music": ["music", "soft music", "the music"], "trains": ["trains", "the night train", "a fast train"],
+    "books": ["books", "a good book", "old books"], "gardens": ["gardens", "a small garden", "the garden"],
+    "the moon": ["the moon", "a full moon", "the pale moon"], "birds": ["birds", "a little bird", "the birds"],
+    "coffee": ["coffee", "hot coffee", "a cup of coffee"], "snow": ["snow", "fresh snow", "the first snow"],
+    "bikes": ["bikes", "my bike", "an old bike"], "rivers": ["rivers", "a wide river", "the river"],
+}
+PREDICATES = [
+    "makes people happy", "can be found in many places", "needs a lot of care", "is nice to see in the morning",
+    "brings back good memories", "changes with the seasons", "is loved by many children", "feels calm and quiet",
+    "looks best in the evening", "is part of daily life", "helps us slow down", "is easy to enjoy",
+    "can teach us something new", "has a long history", "is simple and beautiful", "gives the day some color",
+]
+EXTRA_SENTENCES = ["It is a good thing to think about.", "Many people agree with this.", "I find it very pleasant.",
+                   "This is true in most towns.", "It is worth a short walk."]
+END_PHRASES = ["Any other questions?", "Is there anything else I can help with?", "That is all.", "Have a nice day."]
+FIRST_WORDS = ["indeed", "today", "well", "yes", "truly"]
+LAST_WORDS = ["today", "again", "too", "now", "always"]
+KEYWORDS = ["sunny", "gentle", "bright", "happy", "quiet", "golden", "simple"]
+
+# id -> (description, order of application); conflicting pairs below are never combined
+# The order in which constraints are applied: content edits first, then counts, then case, then wrappers.
+IF_CONSTRAINTS = ["forbidden", "no_comma", "keyword", "first_word", "words_at_least", "sentences", "last_word",
+                  "postscript", "end_phrase", "words_less_than", "lowercase", "capital", "title", "quotation", "json"]
+CONFLICTS = [{"lowercase", "capital"}, {"quotation", "json"}, {"title", "json"}, {"first_word", "quotation"},
+             {"first_word", "title"}, {"last_word", "end_phrase"}, {"postscript", "end_phrase"},
+             {"postscript", "last_word"}, {"json", "postscript"}, {"json", "end_phrase"}, {"json", "last_word"},
+             {"json", "first_word"}, {"words_at_least", "words_less_than"}, {"sentences", "words_less_than"},
+             {"capital", "postscript"}, {"quotation", "end_phrase"}, {"quotation", "last_word"},
+             {"json", "sentences"}, {"json", "words_at_least"}, {"json", "capital"}, {"json", "words_less_than"},
+             {"title", "words_less_than"}]
+
+
+def _lower_first(s):
+    return s[:1].lower() + s[1:]
+
+
+def _upper_first(s):
+    return s[:1].upper() + s[1:]
+
+
+def make_if(rng):
+    topic = rng.choice(list(TOPICS))
+    subject = rng.choice(TOPICS[topic])
+    p1, p2 = rng.sample(PREDICATES, 2)
+    with_comma = rng.random() < 0.5
+    text = (f"{subject} {p1}, and it {p2}." if with_comma else f"{subject} {p1}.")
+    text = text[0].upper() + text[1:]
+    n = rng.choice([1, 1, 2])
+    while True:
+        chosen = rng.sample(IF_CONSTRAINTS, n)
+        if not any(c <= set(chosen) for c in CONFLICTS):
+            break
+    chosen.sort(key=IF_CONSTRAINTS.index)  # apply content edits first, wrappers last
+
+    ids, kwargs, asks, notes = [], [], [], []
+    for c in chosen:
+        if c == "forbidden":
+            word = rng.choice([w for w in p1.split() if len(w) >= 4] or [p1.split()[-1]])
+            text = f"{subject} {rng.choice([p for p in PREDICATES if word not in p.split()])}."
+            text = text[0].upper() + text[1:]
+            ids.append("keywords:forbidden_words"); kwargs.append({"forbidden_words": [word]})
+            asks.append(f"Do not include the word {word} in the response."); notes.append(f"avoid the word {word}")
+        elif c == "no_comma":
+            text = text.replace(",", "")
+            ids.append("punctuation:no_comma"); kwargs.append({})
+            asks.append("In your entire response, refrain from the use of any commas."); notes.append("no commas")
+        elif c == "keyword":
+            word = rng.choice(KEYWORDS)
+            text += f" It is {word} and nice."
+            ids.append("keywords:existence"); kwargs.append({"keywords": [word]})
+            asks.append(f"Include the keyword {word} in the response."); notes.append(f"use the word {word}")
+        elif c == "words_at_least":
+            count = tasks._count_words(text)
+            target = count + rng.randint(3, 9)
+            extras = rng.sample(EXTRA_SENTENCES, len(EXTRA_SENTENCES))
+            while tasks._count_words(text) < target:
+                text += " " + extras.pop()
+            ids.append("length_constraints:number_words"); kwargs.append({"num_words": target, "relation": "at least"})
+            asks.append(f"Answer with at least {target} words."); notes.append(f"at least {target} words")
+        elif c == "words_less_than":
+            target = tasks._count_words(text) + rng.randint(1, 4)
+            ids.append("length_constraints:number_words"); kwargs.append({"num_words": target, "relation": "less than"})
+            asks.append(f"Answer with less than {target} words."); notes.append(f"fewer than {target} words")
+        elif c == "sentences":
+            target = rng.choice([2, 3])
+            extras = rng.sample(EXTRA_SENTENCES, len(EXTRA_SENTENCES))
+            while tasks._count_sentences(text) < target:
+                text += " " + extras.pop()
+            ids.append("length_constraints:number_sentences"); kwargs.append({"num_sentences": target, "relation": "at least"})
+            asks.append(f"Your response should contain at least {target} sentences."); notes.append(f"{target} sentences or more")
+        elif c == "postscript":
+            text += f"\nP.S. {rng.choice(EXTRA_SENTENCES)}"
+            ids.append("detectable_content:postscript"); kwargs.append({"postscript_marker": "P.S."})
+            asks.append("At the end of your response, please explicitly add a postscript starting with P.S.")
+            notes.append("add a P.S. at the end")
+        elif c == "first_word":
+            word = rng.choice(FIRST_WORDS)
+            text = f"{word.capitalize()} {_lower_first(text)}"
+            ids.append("first_word:first_word_answer"); kwargs.append({"first_word": word})
+            asks.append(f"The first word of your response should be the word {word}."); notes.append(f"start with {word}")
+        elif c == "last_word":
+            word = rng.choice(LAST_WORDS)
+            text = text.rstrip(".") + f" {word}."
+            ids.append("last_word:last_word_answer"); kwargs.append({"last_word": word})
+            asks.append(f"The last word of your response should be the word {word}."); notes.append(f"end with {word}")
+        elif c == "end_phrase":
+            phrase = rng.choice(END_PHRASES)
+            text += f" {phrase}"
+            ids.append("startend:end_checker"); kwargs.append({"end_phrase": phrase})
+            asks.append(f"Finish your response with this exact phrase {phrase} No other words should follow this phrase.")
+            notes.append(f"finish with {phrase}")
+        elif c == "lowercase":
+            text = text.lower()
+            ids.append("change_case:english_lowercase"); kwargs.append({})
+            asks.append("Your entire response should be in English, and in all lowercase letters."); notes.append("all lowercase")
+        elif c == "capital":
+            text = text.upper()
+            ids.append("change_case:english_capital"); kwargs.append({})
+            asks.append("Your entire response should be in English, and in all capital letters."); notes.append("all capitals")
+        elif c == "title":
+            title = topic.upper() if "capital" in chosen else topic
+            text = f"<<{title}>>\n{text}"
+            ids.append("detectable_format:title"); kwargs.append({})
+            asks.append("Your answer must contain a title, wrapped in double angular brackets, such as <<my title>>.")
+            notes.append("a title in << >>")
+        elif c == "quotation":
+            text = f'"{text}"'
+            ids.append("startend:quotation"); kwargs.append({})
+            asks.append("Wrap your entire response with double quotation marks."); notes.append("wrap in quotes")
+        elif c == "json":
+            text = json.dumps({"topic": topic, "sentence": text})
+            ids.append("detectable_format:json_format"); kwargs.append({})
+            asks.append("Entire output should be wrapped in JSON format."); notes.append("JSON only")
+    prompt = f"Write about {topic}. " + " ".join(asks)
+    example = {"domain": "if", "messages": [{"role": "user", "content": prompt}],
+               "instruction_id_list": ids, "kwargs": kwargs}
+    return example, "Rules: " + "; ".join(notes) + ".", text
+
+
+# -----------------------------------------------------------------------------
+# mcqa: questions over a fixed synthetic fact base, with the relevant facts in the prompt
+
+def _invented_names(rng, count, syllables=("ka", "lo", "mi", "ra", "ten", "vor", "su", "bel", "dun", "pi", "os",
+                                           "ar", "el", "mor", "tis", "nu", "ga", "zel")):
+    names = set()
+    while len(names) < count:
+        names.add("".join(rng.choice(syllables) for _ in range(rng.choice([2, 3]))).capitalize())
+    return sorted(names)
+
+
+def build_fact_base(seed):
+    rng = random.Random(seed + 1000)
+    countries = _invented_names(rng, 40)
+    values = {"capital": _invented_names(rng, 60), "river": _invented_names(rng, 60),
+              "animal": ["fox", "owl", "bear", "wolf", "crane", "lynx", "otter", "hare", "eagle", "seal", "heron", "boar"],
+              "color": ["red", "green", "blue", "gold", "white", "black", "purple", "orange", "silver", "brown"],
+              "food": ["rice", "bread", "fish", "beans", "cheese", "noodles", "soup", "corn", "plums", "honey"]}
+    values["capital"] = [v for v in values["capital"] if v not in countries]
+    values["river"] = [v for v in values["river"] if v not in countries + values["capital"]]
+    facts = {c: {rel: rng.choice(vals) for rel, vals in values.items()} for c in countries}
+    return facts, values
+
+
+RELATION_TEXT = {"capital": "the capital of {} is {}", "river": "the main river of {} is {}",
+                 "animal": "the national animal of {} is the {}", "color": "the flag color of {} is {}",
+                 "food": "the favorite food of {} is {}"}
+QUESTION_TEXT = {"capital": "What is the capital of {}?", "river": "What is the main river of {}?",
+                 "animal": "What is the national animal of {}?", "color": "What is the flag color of {}?",
+                 "food": "What is the favorite food of {}?"}
+
+
+def make_mcqa(rng, fact_base):
+    facts, values = fact_base
+    country, other = rng.sample(sorted(facts), 2)
+    relation = rng.choice(sorted(RELATION_TEXT))
+    other_relation = rng.choice([r for r in RELATION_TEXT if r != relation])
+    correct = facts[country][relation]
+    shown = [(country, relation), (other, relation), (country, other_relation)]
+    rng.shuffle(shown)
+    fact_text = " ".join(_upper_first(RELATION_TEXT[r].format(c, facts[c][r])) + "." for c, r in shown)
+    distractors = [facts[other][relation]] + rng.sample(values[relation], 6)
+    choices = [correct] + [d for d in dict.fromkeys(distractors) if d != correct][:3]
+    rng.shuffle(choices)
+    letters = "ABCD"
+    letter = letters[choices.index(correct)]
+    options = [{letters[i]: choice} for i, choice in enumerate(choices)]
+    prompt = (f"Facts: {fact_text}\nQuestion: {QUESTION_TEXT[relation].format(country)}\n"
+              + "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices)) + "\nAnswer with the letter in \\boxed{}.")
+    example = {"domain": "mcqa", "messages": [{"role": "user", "content": prompt}], "answer": letter, "options": options}
+    trace = f"The facts say {RELATION_TEXT[relation].format(country, correct)}. {correct} is option {letter}."
+    return example, trace, f"The answer is \\boxed{{{letter}}}."
+
+
+# -----------------------------------------------------------------------------
+# json: an object following a small schema, values given in the prompt
+
+CITIES = ["Oslo", "Lima", "Cairo", "Kyoto", "Porto", "Quito", "Riga", "Tunis", "Perth", "Bern", "Dakar", "Hanoi"]
+WORDS = ["red", "blue", "small", "fast", "new", "old", "round", "soft", "light", "cheap", "warm", "green"]
+SPECIES = ["cat", "dog", "rabbit", "parrot", "turtle", "hamster", "goldfish"]
+DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+KINDS = {  # kind -> field -> (JSON schema, value maker, how the prompt says it)
+    "person": {"name": ({"type": "string"}, lambda r: r.choice(NAMES), "named {}"),
+               "age": ({"type": "integer"}, lambda r: r.randint(5, 90), "aged {}"),
+               "city": ({"type": "string"}, lambda r: r.choice(CITIES), "living in {}"),
+               "student": ({"type": "boolean"}, lambda r: r.random() < 0.5, "student: {}")},
+    "pet": {"name": ({"type": "string"}, lambda r: r.choice(NAMES), "named {}"),
+            "species": ({"type": "string"}, lambda r: r.choice(SPECIES), "a {}"),
+            "age": ({"type": "integer"}, lambda r: r.randint(1, 15), "aged {}"),
+            "vaccinated": ({"type": "boolean"}, lambda r: r.random() < 0.5, "vaccinated: {}")},
+    "product": {"name": ({"type": "string"}, lambda r: r.choice(WORDS) + " " + r.choice(ITEMS), "called {}"),
+                "price": ({"type": "number"}, lambda r: round(r.randint(100, 9999) / 100, 2), "costing {}"),
+                "stock": ({"type": "integer"}, lambda r: r.randint(0, 500), "with {} in stock"),
+                "tags": ({"type": "array", "items": {"type": "string"}}, lambda r: r.sample(WORDS, r.randint(1, 3)),
+                         "tagged {}")},
+    "event": {"title": ({"type": "string"}, lambda r: r.choice(WORDS) + " " + r.choice(["party", "fair", "talk", "match"]),
+                        "called {}"),
+              "day": ({"type": "string", "enum": DAYS}, lambda r: r.choice(DAYS), "on {}"),
+              "guests": ({"type": "integer"}, lambda r: r.randint(2, 300), "for {} guests"),
+              "outdoor": ({"type": "boolean"}, lambda r: r.random() < 0.5, "outdoor: {}")},
+}
+
+
+def _say(value):
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return " and ".join(value)
+    return str(value)
+
+
+def make_json(rng):
+    kind = rng.choice(sorted(KINDS))
+    names = [f for f in KINDS[kind] if rng.random() < 0.75] or [next(iter(KINDS[kind]))]
+    if len(names) < 2:
+        names = list(KINDS[kind])[:2]
+    properties = {f: KINDS[kind][f][0] for f in names}
+    values = {f: KINDS[kind][f][1](rng) for f in names}
+    described = ", ".join(KINDS[kind][f][2].format(_say(values[f])) for f in names)
+    schema = {"type": "object", "properties": properties}
+    prompt = (f"Give a JSON object for a {kind}: {described}.\n"
+              f"Schema: {json.dumps(schema, separators=(',', ':'))}\nReply with the JSON only.")
+    example = {"domain": "json", "messages": [{"role": "user", "content": prompt}], "schema": schema}
+    trace = "Fields: " + ", ".join(f"{f} ({properties[f]['type']})" for f in names) + "."
+    return example, trace, json.dumps(values)
+
+
+# -----------------------------------------------------------------------------
+# code: tiny stdin -> stdout programs; (statement, solution, reference, input maker), k a per-problem parameter
+
+def _ints(r, n, lo=-50, hi=99):
+    return [r.randint(lo, hi) for _ in range(n)]
+
+
+def _word(r):
+    return "".join(r.choice(string.ascii_lowercase) for _ in range(r.randint(3, 8)))
+
+
+CODE_FAMILIES = [
+    (lambda k: f"Read two integers a and b on one line. Print a + b + {k}.",
+     lambda k: f"a, b = map(int, input().split())\nprint(a + b + {k})",
+     lambda k, s: str(sum(map(int, s.split())) + k), lambda r: " ".join(map(str, _ints(r, 2)))),
+    (lambda k: f"Read two integers a and b on one line. Print a * b - {k}.",
+     lambda k: f"a, b = map(int, input().split())\nprint(a * b - {k})",
+     lambda k, s: str(int(s.split()[0]) * int(s.split()[1]) - k), lambda r: " ".join(map(str, _ints(r, 2, -20, 20)))),
+    (lambda k: f"Read an integer n. Print n times {k}.",
+     lambda k: f"n = int(input())\nprint(n * {k})", lambda k, s: str(int(s) * k), lambda r: str(r.randint(-99, 999))),
+    (lambda k: f"Read an integer n. Print the remainder of n divided by {k}.",
+     lambda k: f"n = int(input())\nprint(n % {k})", lambda k, s: str(int(s) % k), lambda r: str(r.randint(0, 9999))),
+    (lambda k: f"Read a word. Print it {k} times on one line, separated by spaces.",
+     lambda k: f"w = input().strip()\nprint(' '.join([w] * {k}))",
+     lambda k, s: " ".join([s.strip()] * k), lambda r: _word(r)),
+    (lambda k: f"Read integers on one line. Print each of them plus {k}, separated by spaces.",
+     lambda k: f"xs = map(int, input().split())\nprint(' '.join(str(x + {k}) for x in xs))",
+     lambda k, s: " ".join(str(int(x) + k) for x in s.split()), lambda r: " ".join(map(str, _ints(r, r.randint(2, 6))))),
+    (lambda k: f"Read integers on one line. Print how many of them are greater than {k}.",
+     lambda k: f"xs = list(map(int, input().split()))\nprint(sum(1 for x in xs if x > {k}))",
+     lambda k, s: str(sum(1 for x in s.split() if int(x) > k)), lambda r: " ".join(map(str, _ints(r, r.randint(3, 8))))),
+    (lambda k: f"Read an integer n. Print the numbers from 1 to n, one per line, but only those divisible by {k}.",
+     lambda k: f"n = int(input())\nfor i in range(1, n + 1):\n    if i % {k} == 0:\n        print(i)",
+     lambda k, s: "\n".join(str(i) for i in range(1, int(s) + 1) if i % k == 0), lambda r: str(r.randint(12, 40))),
+    (lambda k: f"Read an integer n. Print Fizz if n is divisible by {k}, otherwise print n.",
+     lambda k: f"n = int(input())\nprint('Fizz' if n % {k} == 0 else n)",
+     lambda k, s: "Fizz" if int(s) % k == 0 else s.strip(), None),
+    (lambda k: f"Read a line of text. Print its first {k} characters.",
+     lambda k: f"s = input()\nprint(s[:{k}])", lambda k, s: s[:k], lambda r: " ".join(_word(r) for _ in range(3))),
+    (lambda k: f"Read integers on one line. Print the largest one plus {k}.",
+     lambda k: f"xs = list(map(int, input().split()))\nprint(max(xs) + {k})",
+     lambda k, s: str(max(map(int, s.split())) + k), lambda r: " ".join(map(str, _ints(r, r.randint(2, 7))))),
+    (lambda k: f"Read integers on one line. Print the smallest one minus {k}.",
+     lambda k: f"xs = list(map(int, input().split()))\nprint(min(xs) - {k})",
+     lambda k, s: str(min(map(int, s.split())) - k), lambda r: " ".join(map(str, _ints(r, r.randint(2, 7))))),
+    (lambda k: f"Read a word. Print it reversed, then the number {k}.",
+     lambda k: f"w = input().strip()\nprint(w[::-1])\nprint({k})", lambda k, s: s.strip()[::-1] + f"\n{k}", lambda r: _word(r)),
+    (lambda k: f"Read a line of text. Print how many times the letter {'aeiou'[k % 5]} appears in it.",
+     lambda k: f"print(input().count('{'aeiou'[k % 5]}'))", lambda k, s: str(s.count("aeiou"[k % 5])),
+     lambda r: " ".join(_word(r) for _ in range(4))),
+    (lambda k: f"Read integers on one line. Print their sum times {k}.",
+     lambda k: f"print(sum(map(int, input().split())) * {k})", lambda k, s: str(sum(map(int, s.split())) * k),
+     lambda r: " ".join(map(str, _ints(r, r.randint(2, 6))))),
+    (lambda k: f"Read an integer n. Print {k} lines; line i (from 1) holds n + i.",
+     lambda k: f"n = int(input())\nfor i in range(1, {k} + 1):\n    print(n + i)",
+     lambda k, s: "\n".join(str(int(s) + i) for i in range(1, k + 1)), lambda r: str(r.randint(-50, 99))),
+    (lambda k: f"Read two integers a and b on one line. Print the larger of them plus {k}.",
+     lambda k: f"a, b = map(int, input().split())\nprint(max(a, b) + {k})",
+     lambda k, s: str(max(map(int, s.split())) + k), lambda r: " ".join(map(str, _ints(r, 2)))),
+    (lambda k: f"Read integers on one line. Print how many of them are divisible by {k}.",
+     lambda k: f"xs = list(map(int, input().split()))\nprint(sum(1 for x in xs if x % {k} == 0))",
+     lambda k, s: str(sum(1 for x in s.split() if int(x) % k == 0)), lambda r: " ".join(map(str, _ints(r, r.randint(3, 8), 0, 200)))),
+    (lambda k: f"Read an integer n. Print the sum of the numbers from 1 to n, plus {k}.",
+     lambda k: f"n = int(input())\nprint(sum(range(1, n + 1)) + {k})",
+     lambda k, s: str(sum(range(1, int(s) + 1)) + k), lambda r: str(r.randint(1, 100))),
+    (lambda k: f"Read a word. Print it in capital letters, {k} times, one per line.",
+     lambda k: f"w = input().strip().upper()\nfor _ in range({k}):\n    print(w)",
+     lambda k, s: "\n".join([s.strip().upper()] * k), lambda r: _word(r)),
+]
+SMALL_K = ("characters", "lines; line", "one per line.")  # statements whose k stays in 2..6
+
+
+def make_code(rng):
+    statement, solution, reference, make_input = rng.choice(CODE_FAMILIES)
+    k = rng.randint(2, 60)
+    if any(marker in statement(k) for marker in SMALL_K):
+        k = rng.randint(2, 6)
+    inputs = []
+    while len(inputs) < 3:
+        s = make_input(rng) if make_input else str(rng.choice([k * rng.randint(1, 9), rng.randint(1, 200)]))
+        if s not in inputs:
+            inputs.append(s)
+    tests = [{"input": s + "\n", "output": reference(k, s) + "\n"} for s in inputs]
+    prompt = f"Write a Python program. {statement(k)}\nInput is on stdin; print the answer."
+    example = {"domain": "code", "messages": [{"role": "user", "content": prompt}], "tests": tests}
+    first_line = statement(k).split(". ", 1)[-1]
+    return example, f"Plan: {_lower_first(first_line)}", f"```python\n{solution(k)}\n```"
+
+
+# -----------------------------------------------------------------------------
+# Putting it together
+
+def generate(seed: int):
+    fact_base = build_fact_base(seed)
+    makers = {"math": make_math, "if": make_if, "mcqa": lambda r: make_mcqa(r, fact_base),
+              "json": make_json, "code": make_code}
+    splits = {name: [] for name in COUNTS}
+    for domain, make in makers.items():
+        counts = CODE_COUNTS if domain == "code" else COUNTS
+        total = sum(counts.values())
+        rng = random.Random(f"{seed}:{domain}")
+        pool, seen, rejected, attempts = [], set(), 0, 0
+        while len(pool) < total:
+            attempts += 1
+            if attempts > 50 * total:
+                raise RuntimeError(f"{domain}: only {len(pool)} distinct prompts after {attempts} tries")
+            example, trace, answer = make(rng)
+            prompt = example["messages"][0]["content"]
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            response = f"<think>\n{trace}\n</think>\n{answer}"
+            # a reference answer that fails its own verifier (e.g. langdetect calls a short all-caps sentence
+            # something other than English) would teach the wrong thing: drop the example
+            if domain != "code" and tasks.reward(example, response) != 1.0:
+                rejected += 1
+                continue
+            pool.append((example, response))
+        if domain == "code":
+            verify_code(pool)
+        print(f"{domain}: {len(pool)} examples, every reference answer scores 1"
+              + (f" ({rejected} generated examples dropped because theirs did not)" if rejected else ""))
+        start = 0
+        for name, count in counts.items():
+            for example, response in pool[start:start + count]:
+                if name == "sft":
+                    example = dict(example, messages=example["messages"] + [{"role": "assistant", "content": response}])
+                splits[name].append(example)
+            start += count
+    for name in splits:  # interleave domains so any prefix of a file is a mix
+        random.Random(f"{seed}:{name}").shuffle(splits[name])
+    return splits
+
+
+def verify_code(pool):
+    """Every reference program must pass its tests in the sandbox (run in parallel); a failure is a generator bug."""
+    scores = tasks.score_responses([e for e, _ in pool], [r for _, r in pool])
+    bad = [i for i, rs in enumerate(scores["rewards"]) if rs[0] != 1.0]
+    if bad:
+        raise AssertionError(f"code: {len(bad)} reference programs fail, e.g. {pool[bad[0]]}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "data"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    splits = generate(args.seed)
+    for name, rows in splits.items():
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        print(f"wrote {out / name}.jsonl: {len(rows)} rows, {(out / f'{name}.jsonl').stat().st_size / 1e6:.2f} MB")
+    train_tokenizer(splits, out)
+
+
+def train_tokenizer(splits, out: Path):
+    """The tiny BPE on the rendered SFT conversations, then the length of every example in its tokens."""
+    try:
+        from tokenizer import render_chat, train_bpe
+    except ImportError:
+        print("tokenizer.py not found: data/tokenizer.json not written")
+        return
+    texts = [render_chat(e["messages"]) for e in splits["sft"]]
+    tok = train_bpe(texts, vocab_size=2048)
+    tok.save(out / "tokenizer.json")
+    print(f"wrote {out / 'tokenizer.json'}: {tok.vocab_size} tokens")
+    for name, rows in splits.items():
+        lengths = sorted(len(tok.encode(render_chat(e["messages"], add_generation_prompt=name != "sft"))) for e in rows)
+        print(f"{name}: tokens per example: median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
+        assert lengths[-1] < 256, f"{name}: an example has {lengths[-1]} tokens, over the 256-token context"
+
+
+if __name__ == "__main__":
+    main()
