@@ -27,7 +27,7 @@ LAYER_KINDS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 HF_BLOCK_TYPES = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}  # transformers 5 names
 # Tensors kept in fp32 whatever the model dtype: the SSM decay, the skip, and everything that picks experts
 # (the correction bias in bf16 flips expert choices).
-FP32_TENSORS = ("A_log", "D", "gate.weight", "gate.e_score_correction_bias")
+FP32_TENSORS = (".A_log", ".D", ".gate.weight", ".gate.e_score_correction_bias")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -81,6 +81,8 @@ class ModelConfig:
     max_position_embeddings: int = 262144
     # ours, not HF's: which MoE kernels run ("auto" = Triton on CUDA, torch elsewhere)
     moe_impl: str = "auto"
+    # ours, not HF's: aux-loss-free balancing step of e_score_correction_bias (MoE.update_correction_bias); 0 = off
+    moe_bias_update_rate: float = 0.0
 
     def __post_init__(self):
         self.time_step_limit = tuple(float(v) for v in self.time_step_limit)
@@ -120,6 +122,8 @@ class ModelConfig:
             bad("chunk_size", "chunk_size and conv_kernel must be positive")
         if self.moe_impl not in moe_kernels.MOE_IMPLS:
             bad("moe_impl", f"{self.moe_impl!r} must be one of {moe_kernels.MOE_IMPLS}")
+        if not self.moe_bias_update_rate >= 0:
+            bad("moe_bias_update_rate", f"{self.moe_bias_update_rate} must be >= 0 (0 turns balancing off)")
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
@@ -146,9 +150,11 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
     def to_hf(self) -> dict:
-        """The HF config.json dict (transformers' NemotronHConfig reads it). moe_impl is a run-time choice: left out."""
+        """The HF config.json dict (transformers' NemotronHConfig reads it). moe_impl and moe_bias_update_rate are
+        ours (run-time / training choices): left out."""
         d = asdict(self)
         d.pop("moe_impl")
+        d.pop("moe_bias_update_rate")
         d["time_step_limit"] = list(self.time_step_limit)
         d.update(architectures=["NemotronHForCausalLM"], model_type="nemotron_h",
                  num_hidden_layers=self.num_hidden_layers, attention_bias=False, mamba_proj_bias=self.use_bias)
@@ -414,6 +420,14 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
+    """
+    Routed experts (top-k of E by sigmoid score + correction bias) plus the always-on shared expert.
+
+    Aux-loss-free balancing (DeepSeek-V3): every training forward adds its per-expert token counts to
+    `expert_load` (a metric to log, e.g. max/mean); the trainer calls `update_correction_bias()` once per optimizer
+    step, which moves e_score_correction_bias by cfg.moe_bias_update_rate toward under-loaded experts (0 = off).
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -421,6 +435,9 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_shared_expert_intermediate_size, cfg.mlp_bias)
                                if cfg.n_shared_experts else None)
+        # [E] fp32 tokens routed to each expert since the last update_correction_bias(); None before any.
+        # A plain attribute, not a buffer: never saved, never cast by set_dtype.
+        self.expert_load = None
 
     def forward(self, x):
         cfg = self.cfg
@@ -430,11 +447,36 @@ class MoE(nn.Module):
         topk_weights, topk_ids = moe_kernels.route_topk(
             logits, self.gate.e_score_correction_bias, cfg.num_experts_per_tok, cfg.routed_scaling_factor,
             cfg.norm_topk_prob, impl=impl)
+        if self.training and torch.is_grad_enabled() and not self._in_backward():  # not the checkpoint recompute
+            ids = topk_ids.flatten()
+            load = torch.zeros(cfg.n_routed_experts, device=x.device).index_add_(
+                0, ids, torch.ones(ids.numel(), device=x.device))            # no host sync (unlike bincount)
+            self.expert_load = load if self.expert_load is None else self.expert_load + load
         out = moe_kernels.moe_experts(flat, topk_ids, topk_weights, self.experts.up_proj, self.experts.down_proj,
                                       impl=impl).view_as(x)
         if self.shared_experts is not None:                                         # always on, no gate
             out = out + self.shared_experts(x)
         return out
+
+    @torch.no_grad()
+    def update_correction_bias(self):
+        """
+        The aux-loss-free balancing rule, once per optimizer step:  bias_e += rate * sign(mean_load - load_e),
+        so over-loaded experts are picked less and under-loaded ones more (the bias only picks, never weighs).
+        A no-op when cfg.moe_bias_update_rate is 0 (the default). Returns the load it used (None if no training
+        forward ran since the last call) and resets it. With data parallelism, all-reduce (sum) expert_load over
+        the ranks before calling, so that every rank applies the same update.
+        """
+        load, self.expert_load = self.expert_load, None
+        rate = self.cfg.moe_bias_update_rate
+        if load is not None and rate > 0:
+            self.gate.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load))
+        return load
+
+    @staticmethod
+    def _in_backward():
+        """True inside the autograd engine, e.g. while gradient checkpointing recomputes a forward."""
+        return getattr(torch._C, "_current_graph_task_id", lambda: -1)() != -1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -579,20 +621,14 @@ class Model(nn.Module):
             cache.pos += T
         return self.backbone.norm_f(h)
 
-    def forward(self, input_ids, attention_mask=None, doc_ids=None, cache=None):
-        """logits [B, T, V]."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, doc_ids, cache))
-
-    def token_logprobs(self, input_ids, targets, attention_mask=None, doc_ids=None, temperature=1.0,
-                       chunk_tokens=None):
-        """
-        log p(targets[b, t] | input_ids[b, :t+1]) as [B, T] fp32, without materialising [B*T, V] fp32 logits:
-        the lm_head and log-softmax run over chunks of tokens, and under autograd each chunk is recomputed in
-        backward instead of stored. Targets < 0 (ignored positions) get logprob 0. chunk_tokens defaults to
-        about 16M logits per chunk (128 tokens at vocab 131072).
-        """
+    def forward(self, input_ids, attention_mask=None, doc_ids=None, cache=None, targets=None, temperature=1.0,
+                chunk_tokens=None):
+        """logits [B, T, V]; or, given targets, their log-probs [B, T] (see token_logprobs)."""
+        h = self.hidden_states(input_ids, attention_mask, doc_ids, cache)
+        if targets is None:
+            return self.lm_head(h)
+        # chunked: never [B*T, V] fp32 logits at once; under autograd each chunk is recomputed in backward
         chunk_tokens = chunk_tokens or max(64, 2**24 // self.config.vocab_size)
-        h = self.hidden_states(input_ids, attention_mask, doc_ids)
         flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         out = []
         for start in range(0, flat_h.shape[0], chunk_tokens):
@@ -601,6 +637,17 @@ class Model(nn.Module):
             out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
                        else _chunk_logprobs(*args))
         return torch.cat(out).view_as(targets)
+
+    def token_logprobs(self, input_ids, targets, attention_mask=None, doc_ids=None, temperature=1.0,
+                       chunk_tokens=None):
+        """
+        log p(targets[b, t] | input_ids[b, :t+1]) as [B, T] fp32, without materialising [B*T, V] fp32 logits:
+        the lm_head and log-softmax run over chunks of tokens, and under autograd each chunk is recomputed in
+        backward instead of stored. Targets < 0 (ignored positions) get logprob 0. chunk_tokens defaults to
+        about 16M logits per chunk (128 tokens at vocab 131072). Goes through __call__, so FSDP's hooks run.
+        """
+        return self(input_ids, attention_mask=attention_mask, doc_ids=doc_ids, targets=targets,
+                    temperature=temperature, chunk_tokens=chunk_tokens)
 
     # -- init and size ---------------------------------------------------------------------------------------
 
@@ -654,9 +701,9 @@ class Model(nn.Module):
 
     # -- HF checkpoints --------------------------------------------------------------------------------------
 
-    def hf_tensors(self):
+    def hf_tensors(self, state_dict=None):
         """Yield (hf_name, tensor) in the released layout: one tensor per routed expert."""
-        for name, t in self.state_dict().items():
+        for name, t in (state_dict if state_dict is not None else self.state_dict()).items():
             if name.endswith(("experts.up_proj", "experts.down_proj")):
                 prefix, proj = name.rsplit(".", 1)
                 for e in range(t.shape[0]):
@@ -739,15 +786,23 @@ class Model(nn.Module):
             raise ValueError("\n".join(report))
         return model
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30, state_dict=None, dtype=None):
         """
         Write config.json + safetensors in the released naming (sharded with model.safetensors.index.json above
         max_shard_bytes), so transformers' NemotronHForCausalLM loads it. Written to a temporary directory beside
         `path` and swapped in only when complete: a crash mid-save never leaves a half-written checkpoint.
+        state_dict: full tensors to write instead of this module's own (e.g. gathered from FSDP shards);
+        dtype: cast on the way out, FP32_TENSORS excepted.
         """
         from safetensors.torch import save_file
 
-        tensors = [(n, t.detach().contiguous()) for n, t in self.hf_tensors()]
+        def out(name, t):
+            t = t.detach()
+            if dtype is not None and t.is_floating_point():
+                t = t.to(torch.float32 if name.endswith(FP32_TENSORS) else dtype)
+            return t.contiguous()
+
+        tensors = [(n, out(n, t)) for n, t in self.hf_tensors(state_dict)]
         shards, size = [[]], 0
         for n, t in tensors:
             nbytes = t.numel() * t.element_size()
@@ -761,7 +816,7 @@ class Model(nn.Module):
         tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
         try:
             cfg = self.config.to_hf()
-            cfg["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
+            cfg["torch_dtype"] = str(dtype or self.lm_head.weight.dtype).removeprefix("torch.")
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(cfg, f, indent=2)
             if len(shards) == 1:
