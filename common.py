@@ -1,0 +1,428 @@
+"""
+Stage plumbing shared by sft.py, rl.py and distill.py: config CLI, torch.distributed + FSDP2, optimizer and
+schedule, checkpoints that survive any crash, and logging. Kept small and plain: each piece is a function or a
+tiny class a stage script calls in its recipe.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import typing
+import warnings
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: one dataclass per stage, defaults for the tiny CPU run; --config FILE.json, then --field=value override.
+
+
+def _field_comments(cls):
+    """Help text for each field: the comment after it in the dataclass source (`lr: float = 3e-6  # peak lr`)."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, re.M):
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _convert(value, typ, key):
+    """Parse a command-line string (or check a JSON value) as `typ`; errors name the key."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":      # Optional[X] / X | None
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _convert(value, args[0], key)
+    if origin in (tuple, list):
+        items = value.split(",") if isinstance(value, str) else value
+        item_type = typing.get_args(typ)[0] if typing.get_args(typ) else str
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"--{key}: expected a comma-separated list, got {value!r}")
+        return origin(_convert(v, item_type, key) for v in items)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"--{key}: expected {typ.__name__}, got {value!r}")
+        try:
+            out = typ(value) if typ is float or not isinstance(value, str) else int(value)
+        except ValueError:
+            raise ValueError(f"--{key}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and isinstance(value, float) and value != int(value):
+            raise ValueError(f"--{key}: expected int, got {value!r}")
+        return out
+    if typ is str:
+        if not isinstance(value, str):
+            raise ValueError(f"--{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key}: unsupported type {typ}")
+
+
+def config_from_dict(cls, values: dict, source="config"):
+    """Apply a dict of overrides to cls's defaults; unknown keys and wrong types raise ValueError naming them."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    unknown = [k for k in values if k not in valid]
+    if unknown:
+        raise ValueError(f"{source}: unknown option(s) {unknown}; valid options are: {', '.join(valid)}")
+    return cls(**{k: _convert(v, hints[k], k) for k, v in values.items()})
+
+
+def parse_config(cls, argv=None, description=None):
+    """
+    Build the stage's config from its dataclass defaults, an optional `--config FILE.json` preset, then
+    `--field=value` flags (in that order of precedence). `--help` lists every field with type, default and the
+    comment beside it in the source.
+    """
+    defaults, comments, hints = cls(), _field_comments(cls), typing.get_type_hints(cls)
+    ap = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", metavar="FILE.json", help="preset of option values; flags given here override it")
+    for f in fields(cls):
+        typ = hints[f.name]
+        tname = getattr(typ, "__name__", str(typ)).replace("typing.", "")
+        ap.add_argument(f"--{f.name}", metavar=tname.upper(), default=None,
+                        help=f"{comments.get(f.name, '')} (default: {getattr(defaults, f.name)!r})")
+    args, unknown = ap.parse_known_args(argv)
+    if unknown:
+        ap.error(f"unknown option(s) {unknown}; valid options are: "
+                 f"{', '.join('--' + f.name for f in fields(cls))}, --config")
+    values = {}
+    try:
+        if args.config:
+            try:
+                with open(args.config) as fh:
+                    preset = json.load(fh)
+            except FileNotFoundError:
+                raise ValueError(f"--config {args.config}: no such file") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--config {args.config}: not valid JSON ({e})") from None
+            values.update(dataclasses.asdict(config_from_dict(cls, preset, source=args.config)))
+            values = {k: v for k, v in values.items() if k in preset}
+        values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+        return config_from_dict(cls, values, source="command line")
+    except ValueError as e:
+        ap.error(str(e))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed: plain `python stage.py` (one process) or `torchrun --nproc_per_node=N stage.py` (NCCL on CUDA,
+# gloo on CPU; multi-node through torchrun's own --nnodes / --rdzv flags).
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_dist(device: str = "auto") -> Dist:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device(device))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    dev = torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device("cpu")
+    return Dist(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=dev)
+
+
+def close_dist():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world_size > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def broadcast_object(obj, d: Dist):
+    if d.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_model(model, d: Dist, bf16: bool = False, activation_checkpointing: bool = False):
+    """
+    FSDP2: fully_shard each layer, then the root (embeddings, final norm, lm_head). With bf16, parameters are
+    gathered in bf16 for compute while the fp32 master shards take the optimizer step, and gradients are
+    reduced in fp32. One process: no sharding, the same model object.
+    """
+    model.gradient_checkpointing = activation_checkpointing
+    if d.world_size == 1:
+        if bf16:
+            raise ValueError("--bf16 needs FSDP's mixed precision: run under torchrun (or keep fp32 on 1 process)")
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for layer in model.backbone.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def full_state_dict(model, d: Dist):
+    """The whole model's tensors on CPU, on rank 0 (other ranks get {}); works sharded and unsharded."""
+    if d.world_size == 1:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_optimizer(model, lr, betas, weight_decay):
+    """AdamW; weight decay on matrices only (not norms, biases, or Mamba's A_log / D / dt_bias)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=1e-8)
+
+
+def lr_at(step, lr, warmup_steps, total_steps, schedule="cosine", min_lr=0.0, warmup_start_lr=0.0):
+    """Linear warmup from warmup_start_lr to lr over warmup_steps, then cosine down to min_lr at total_steps
+    (or constant)."""
+    if step < warmup_steps:
+        return warmup_start_lr + (lr - warmup_start_lr) * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"--schedule: {schedule!r} is not one of cosine, constant")
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+def check_finite(step, **values):
+    """Stop the run before a non-finite loss or gradient can reach the weights (and so any checkpoint)."""
+    bad = {k: float(v) for k, v in values.items() if not math.isfinite(float(v))}
+    if bad:
+        raise NonFiniteError(f"step {step}: non-finite {bad}; stopping before the optimizer step, so the last "
+                             "checkpoint on disk is the last good state. Lower the lr or check the data.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: sharded model + optimizer through torch.distributed.checkpoint, plus the trainer state (step,
+# data position, ...) and every rank's RNG states. Written to step_N.tmp and renamed to step_N only when all of
+# it is on disk; `latest` names the newest complete one; the last K are kept.
+
+
+def rng_state():
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_atomic(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    def __init__(self, out_dir, d: Dist, keep_last=2):
+        self.dir = os.path.join(out_dir, "checkpoints")
+        self.d, self.keep_last = d, keep_last
+        if d.is_main:
+            os.makedirs(self.dir, exist_ok=True)
+            for name in os.listdir(self.dir):            # leftovers of a save that was killed half-way
+                if name.endswith(".tmp"):
+                    shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+        if d.world_size > 1:
+            dist.barrier()
+
+    def latest(self):
+        marker = os.path.join(self.dir, "latest")
+        if not os.path.exists(marker):
+            return None
+        with open(marker) as f:
+            path = os.path.join(self.dir, f.read().strip())
+        return path if os.path.exists(os.path.join(path, "trainer_state.json")) else None
+
+    def _state(self, model, optimizer):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self, step, model, optimizer, trainer_state: dict):
+        import torch.distributed.checkpoint as dcp
+        name = f"step_{step:07d}"
+        final, tmp = os.path.join(self.dir, name), os.path.join(self.dir, name + ".tmp")
+        if self.d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(os.path.join(tmp, "rng"))
+        if self.d.world_size > 1:
+            dist.barrier()
+        with warnings.catch_warnings():     # one process: DCP warns that it saves without a process group
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(self._state(model, optimizer), checkpoint_id=tmp)
+        torch.save(rng_state(), os.path.join(tmp, "rng", f"rank{self.d.rank}.pt"))
+        if self.d.world_size > 1:
+            dist.barrier()
+        if self.d.is_main:
+            _write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps(dict(trainer_state, step=step)))
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(os.path.join(self.dir, "latest"), name)
+            done = sorted(n for n in os.listdir(self.dir) if re.fullmatch(r"step_\d+", n))
+            for old in done[:-self.keep_last]:
+                shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+        if self.d.world_size > 1:
+            dist.barrier()
+        return final
+
+    def load(self, path, model, optimizer):
+        """Restore model, optimizer and this rank's RNG states from `path`; returns the trainer state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        state = self._state(model, optimizer)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng_file = os.path.join(path, "rng", f"rank{self.d.rank}.pt")
+        if os.path.exists(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            return json.load(f)
+
+
+def export_hf(model, tokenizer, path, d: Dist, dtype=None):
+    """A consolidated HF-format directory (config.json, safetensors, tokenizer) that Model.from_pretrained,
+    transformers and sample.py load. Gathers the full weights on rank 0."""
+    state = full_state_dict(model, d)
+    if d.is_main:
+        model.save_pretrained(path, state_dict=state, dtype=dtype)
+        tokenizer.save_pretrained(path)
+    if d.world_size > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logging: metrics.jsonl (one line per step, rank 0), optional Weights & Biases, and PNG plots of the curves.
+
+
+class MetricsLog:
+    def __init__(self, out_dir, d: Dist, resume_step=0, wandb_project=None, run_config=None):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.d, self.wandb = d, None
+        if not d.is_main:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        # on resume, drop lines past the checkpoint: those steps are about to be redone
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            _write_atomic(self.path, "".join(keep))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print("wandb is not installed: logging to metrics.jsonl only (pip install wandb)")
+            else:
+                id_file = os.path.join(out_dir, "wandb_id.txt")
+                run_id = open(id_file).read().strip() if os.path.exists(id_file) else wandb.util.generate_id()
+                _write_atomic(id_file, run_id)
+                self.wandb = wandb.init(project=wandb_project, id=run_id, resume="allow", config=run_config)
+
+    def log(self, step, **metrics):
+        if not self.d.is_main:
+            return
+        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def plot_metrics(metrics_path, png_path, keys):
+    """One panel per metric key against step; keys missing from the log are skipped."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(metrics_path)
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,295 @@
+"""
+Stage 1 of Nemotron-Cascade 2: supervised fine-tuning.
+
+Chat examples are rendered with the Nemotron chat template, packed into rows of seq_len tokens (documents never
+see each other: block-diagonal attention and a fresh Mamba state at each document start), and trained with
+next-token loss on the assistant's tokens only. Defaults train the tiny model on the shipped data on CPU in a
+few minutes; `configs/sft_nano_30b.json` holds the paper's settings for the real model.
+
+    python sft.py                                   # tiny default
+    torchrun --nproc_per_node=8 sft.py --config configs/sft_nano_30b.json
+    python sft.py --help                            # every option with its default
+
+A run writes to out_dir: metrics.jsonl, curves.png, checkpoints/ (sharded, resumable: rerun the same command
+and it continues from the latest complete checkpoint), export/ (HF format + tokenizer) and eval.json.
+"""
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+import tasks
+from model import Model, ModelConfig
+from tokenizer import Tokenizer, encode_chat
+
+
+@dataclass
+class SFTConfig:
+    # model and data
+    model: str = "configs/tiny_model.json"  # HF checkpoint dir to fine-tune, or a config.json to train from scratch
+    tokenizer: str = "data/tokenizer.json"  # tokenizer.json (or a dir); empty = the checkpoint dir's own
+    train_data: str = "data/sft.jsonl"  # SFT examples: JSONL/parquet path or HF dataset (see tasks.load_examples)
+    train_split: str = "train"  # split when train_data is an HF dataset
+    train_subset: str = ""  # HF dataset config (e.g. math, science, chat for the Nemotron-Cascade-2 SFT data)
+    val_fraction: float = 0.02  # share of the examples held out for validation loss
+    eval_data: str = "data/eval.jsonl"  # held-out tasks scored per domain at the end; empty = skip
+    eval_per_domain: int = 40  # examples per domain for that final score (0 = all)
+    eval_max_new_tokens: int = 160  # generation budget of the final score
+    thinking: bool = True  # render assistant turns in thinking mode
+    out_dir: str = "out/sft"  # metrics, checkpoints and the HF export go here
+    # batch
+    seq_len: int = 512  # tokens per packed row
+    micro_batch: int = 8  # rows per process per forward/backward
+    global_batch: int = 16  # rows per optimizer step, across processes and accumulation
+    epochs: float = 1.5  # passes over the data (paper: about 1.5)
+    max_steps: int = 0  # stop after this many steps (0 = from epochs)
+    # optimizer (paper: lr 5e-5 -> 5e-6 cosine, 200 warmup steps, betas (0.9, 0.98), wd 0.1, global batch 64)
+    lr: float = 2e-3  # peak learning rate (high: the tiny default learns from scratch)
+    min_lr: float = 2e-4  # end of the cosine
+    warmup_steps: int = 10  # linear warmup steps
+    schedule: str = "cosine"  # cosine or constant
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
+    weight_decay: float = 0.1  # on matrices only
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    # run
+    eval_every: int = 20  # validation loss every N steps (0 = only at the end)
+    save_every: int = 20  # checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept
+    seed: int = 0  # model init, data order, sampling
+    device: str = "auto"  # auto, cpu or cuda
+    bf16: bool = False  # bf16 compute with fp32 master weights and reductions (FSDP, GPU)
+    activation_checkpointing: bool = False  # recompute each layer in backward to save memory
+    export_dtype: str = ""  # dtype of the HF export: bfloat16, float32 or empty = as trained
+    wandb_project: str = ""  # also log to Weights & Biases when set and wandb is installed
+    inject_nan_at_step: int = -1  # fault injection for tests: make this step's loss NaN
+    inject_kill_at_step: int = -1  # fault injection for tests: SIGKILL this process as this step starts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: render, tokenize, pack
+
+
+def tokenize(examples, tokenizer, thinking):
+    """Each example -> (ids, mask): mask marks the assistant tokens, the only ones trained on."""
+    docs = []
+    for ex in examples:
+        ids, mask = encode_chat(tokenizer, ex["messages"], tools=ex.get("tools"), thinking=thinking)
+        docs.append((ids, mask))
+    return docs
+
+
+def pack(docs, seq_len, pad_id):
+    """
+    Greedily pack documents into rows of seq_len tokens. Returns int64 arrays [rows, seq_len]:
+      ids, targets (the next token where it is an assistant token of the same document, else -100), doc_ids
+    (each document its own id; padding gets -1 and a target of -100). Documents longer than seq_len are cut.
+    """
+    rows, cur, truncated = [], [], 0
+    for ids, mask in docs:
+        if len(ids) > seq_len:
+            ids, mask, truncated = ids[:seq_len], mask[:seq_len], truncated + 1
+        if sum(len(d[0]) for d in cur) + len(ids) > seq_len:
+            rows.append(cur)
+            cur = []
+        cur.append((ids, mask))
+    if cur:
+        rows.append(cur)
+    if truncated:
+        print(f"sft: {truncated} documents longer than seq_len={seq_len} were truncated")
+    out_ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    out_tgt = np.full((len(rows), seq_len), -100, dtype=np.int64)
+    out_doc = np.full((len(rows), seq_len), -1, dtype=np.int64)
+    for r, row in enumerate(rows):
+        pos = 0
+        for d, (ids, mask) in enumerate(row):
+            n = len(ids)
+            out_ids[r, pos:pos + n] = ids
+            out_doc[r, pos:pos + n] = d
+            nxt, nxt_mask = np.array(ids[1:], dtype=np.int64), np.array(mask[1:], dtype=bool)
+            out_tgt[r, pos:pos + n - 1] = np.where(nxt_mask, nxt, -100)
+            pos += n
+    return out_ids, out_tgt, out_doc
+
+
+def row_order(num_rows, seed, epoch):
+    """The rows of one epoch in a shuffled order fixed by (seed, epoch): resuming needs only the step count."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def rows_for_step(step, global_batch, num_rows, seed):
+    """Row indices of optimizer step `step`: a contiguous slice of the endless sequence of shuffled epochs."""
+    out = []
+    for k in range(step * global_batch, (step + 1) * global_batch):
+        out.append(row_order(num_rows, seed, k // num_rows)[k % num_rows])
+    return out
+
+
+def batch_loss(model, ids, targets, doc_ids, device):
+    """Sum of -log p over the target tokens, and their count."""
+    ids, targets, doc_ids = (torch.as_tensor(a, device=device) for a in (ids, targets, doc_ids))
+    logprobs = model.token_logprobs(ids, targets, doc_ids=doc_ids)
+    valid = targets >= 0
+    return -(logprobs * valid).sum(), valid.sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_model(path, device, seed):
+    if os.path.isdir(path):
+        return Model.from_pretrained(path, dtype=torch.float32, device=device)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--model {path}: no such checkpoint directory or config file")
+    torch.manual_seed(seed)
+    config = ModelConfig.from_json(path)
+    with torch.device(device):
+        return Model(config)
+
+
+def load_tokenizer_for(cfg):
+    path = cfg.tokenizer or cfg.model
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--tokenizer {path}: no such file or directory")
+    return Tokenizer.from_pretrained(path) if os.path.isdir(path) else Tokenizer.from_file(path)
+
+
+def main(cfg: SFTConfig):
+    d = common.init_dist(cfg.device)
+    common.seed_everything(cfg.seed)
+    tokenizer = load_tokenizer_for(cfg)
+
+    # data: hold out a validation slice, tokenize, pack
+    examples = tasks.load_examples(cfg.train_data, split=cfg.train_split, config=cfg.train_subset or None,
+                                   verbose=d.is_main)
+    examples = [ex for ex in examples if any(m["role"] == "assistant" for m in ex["messages"])]
+    if not examples:
+        raise ValueError(f"--train_data {cfg.train_data}: no examples with an assistant turn to train on")
+    order = np.random.default_rng(cfg.seed).permutation(len(examples))
+    n_val = max(1, int(len(examples) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+    val_ex, train_ex = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
+    train = pack(tokenize(train_ex, tokenizer, cfg.thinking), cfg.seq_len, tokenizer.pad_id)
+    val = pack(tokenize(val_ex, tokenizer, cfg.thinking), cfg.seq_len, tokenizer.pad_id) if val_ex else None
+    num_rows = len(train[0])
+
+    per_step = d.world_size * cfg.micro_batch
+    if cfg.global_batch % per_step:
+        raise ValueError(f"--global_batch {cfg.global_batch} must be a multiple of micro_batch x processes "
+                         f"= {cfg.micro_batch} x {d.world_size}")
+    accum = cfg.global_batch // per_step
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * num_rows / cfg.global_batch)
+
+    # model, sharding, optimizer
+    model = load_model(cfg.model, d.device, cfg.seed)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}")
+    model = common.shard_model(model, d, bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
+    optimizer = common.make_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay)
+    ckpt = common.Checkpointer(cfg.out_dir, d, keep_last=cfg.keep_last)
+    start_step, latest = 0, ckpt.latest()
+    if latest:
+        start_step = ckpt.load(latest, model, optimizer)["step"]
+        if d.is_main:
+            print(f"sft: resuming from {latest} (step {start_step})")
+    log = common.MetricsLog(cfg.out_dir, d, resume_step=start_step, wandb_project=cfg.wandb_project or None,
+                            run_config=asdict(cfg))
+    if d.is_main:
+        n = model.num_params() if hasattr(model, "num_params") else {}
+        print(f"sft: {len(train_ex)} train / {len(val_ex)} val examples -> {num_rows} rows of {cfg.seq_len}; "
+              f"{total_steps} steps of {cfg.global_batch} rows ({accum} accumulation x {d.world_size} processes); "
+              f"model {n.get('total', 0) / 1e6:.2f}M params")
+
+    def validation_loss():
+        model.eval()
+        loss_sum, count = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
+        with torch.no_grad():
+            for s in range(d.rank * cfg.micro_batch, len(val[0]), per_step):
+                rows = slice(s, s + cfg.micro_batch)
+                ls, c = batch_loss(model, val[0][rows], val[1][rows], val[2][rows], d.device)
+                loss_sum, count = loss_sum + ls, count + c
+        model.train()
+        return (common.all_reduce_sum(loss_sum, d) / common.all_reduce_sum(count, d).clamp(min=1)).item()
+
+    model.train()
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="sft",
+               disable=not d.is_main, dynamic_ncols=True)
+    for step in bar:
+        if step == cfg.inject_kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        t0 = time.perf_counter()
+        lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr)
+        common.set_lr(optimizer, lr)
+        mine = rows_for_step(step, cfg.global_batch, num_rows, cfg.seed)[d.rank::d.world_size]
+        # normalise by the global number of target tokens, so every process count gives the same gradient
+        n_tokens = common.all_reduce_sum(torch.tensor(float((train[1][mine] >= 0).sum()), device=d.device), d)
+        loss_sum = torch.zeros((), device=d.device)
+        for a in range(accum):
+            rows = mine[a * cfg.micro_batch:(a + 1) * cfg.micro_batch]
+            ls, _ = batch_loss(model, train[0][rows], train[1][rows], train[2][rows], d.device)
+            if step == cfg.inject_nan_at_step:
+                ls = ls * float("nan")
+            (ls / n_tokens * d.world_size).backward()     # FSDP averages gradients over processes
+            loss_sum += ls.detach()
+        loss = (common.all_reduce_sum(loss_sum, d) / n_tokens).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        common.check_finite(step, loss=loss, grad_norm=grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        dt = time.perf_counter() - t0
+        metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens=int(n_tokens.item()),
+                       tokens_per_s=cfg.global_batch * cfg.seq_len / dt)
+        done = step + 1
+        if val is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
+            metrics["val_loss"] = validation_loss()
+        log.log(done, **metrics)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", gnorm=f"{grad_norm:.2f}",
+                        **({"val": f"{metrics['val_loss']:.3f}"} if "val_loss" in metrics else {}))
+        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
+            ckpt.save(done, model, optimizer, dict(rows_seen=done * cfg.global_batch))
+    bar.close()
+
+    # export, plot, and score the result per domain
+    export_dir = os.path.join(cfg.out_dir, "export")
+    common.export_hf(model, tokenizer, export_dir, d,
+                     dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
+    if d.is_main:
+        common.plot_metrics(log.path, os.path.join(cfg.out_dir, "curves.png"),
+                            ["loss", "val_loss", "grad_norm", "lr", "tokens_per_s"])
+        print(f"sft: exported {export_dir}")
+        if cfg.eval_data:
+            score_export(export_dir, cfg.eval_data, cfg.eval_per_domain, cfg.eval_max_new_tokens, cfg.thinking,
+                         os.path.join(cfg.out_dir, "eval.json"), d.device, cfg.seed)
+    common.close_dist()
+    return model
+
+
+def score_export(export_dir, eval_data, per_domain, max_new_tokens, thinking, out_json, device, seed):
+    """Greedy per-domain pass@1 of an exported checkpoint on held-out tasks; prints the table, writes JSON."""
+    import json
+
+    import sample
+    model = Model.from_pretrained(export_dir, dtype=torch.float32, device=device).eval()
+    tok = Tokenizer.from_pretrained(export_dir)
+    examples = tasks.load_examples(eval_data, verbose=False)
+    if per_domain:
+        seen = {}
+        examples = [ex for ex in examples if seen.setdefault(ex["domain"], []).append(1) or
+                    len(seen[ex["domain"]]) <= per_domain]
+    scores = sample.evaluate(model, tok, examples, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                             thinking=thinking, seed=seed)
+    print(tasks.format_score_table(scores))
+    with open(out_json, "w") as f:
+        json.dump(scores, f, indent=2)
+    return scores
+
+
+if __name__ == "__main__":
+    main(common.parse_config(SFTConfig, description=__doc__))
