@@ -236,6 +236,23 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
+def balance_experts(model, d: Dist):
+    """
+    Aux-loss-free MoE balancing, once per optimizer step: sum each MoE layer's per-expert token counts over the
+    processes, then let the layer nudge its correction bias toward under-loaded experts (a no-op unless the
+    model's moe_bias_update_rate > 0). Returns the mean over layers of max-load / mean-load (1.0 = balanced),
+    the metric to watch, or None when no MoE layer ran.
+    """
+    from model import MoE
+    ratios = []
+    for m in model.modules():
+        if isinstance(m, MoE) and m.expert_load is not None:
+            m.expert_load = all_reduce_sum(m.expert_load, d)
+            load = m.update_correction_bias()
+            ratios.append((load.max() / load.mean().clamp(min=1e-9)).item())
+    return sum(ratios) / len(ratios) if ratios else None
+
+
 class NonFiniteError(FloatingPointError):
     pass
 

@@ -296,11 +296,18 @@ def ssd_scan(x, dt, A, B, C, chunk_size, initial_state=None, reset=None):
 
 
 def ssm_step(state, x, dt, A, B, C):
-    """One token of the same recurrence. state [b, h, p, n] fp32, x [b, h, p], dt [b, h], B, C [b, g, n]."""
-    h, g = x.shape[1], B.shape[1]
+    """
+    One token of the same recurrence, for decoding: S = exp(dt A) S + dt x B^T;  y = S C.
+    state [b, h, p, n] fp32 is updated in place (it is the cache's own tensor); x [b, h, p]; dt [b, h];
+    B, C [b, g, n]. Returns (y [b, h, p], state).
+    """
+    b, h, p, n = state.shape
+    g = B.shape[1]
     B, C = B.repeat_interleave(h // g, dim=1), C.repeat_interleave(h // g, dim=1)     # [b, h, n]
-    state = state * torch.exp(dt * A)[..., None, None] + (dt[..., None] * x)[..., None] * B[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", state, C)
+    S = state.view(b * h, p, n)
+    S.mul_(torch.exp(dt * A).view(b * h, 1, 1))
+    S.baddbmm_((dt.unsqueeze(-1) * x).reshape(b * h, p, 1), B.reshape(b * h, 1, n))   # + outer(dt x, B)
+    y = torch.bmm(S, C.reshape(b * h, n, 1)).view(b, h, p)
     return y, state
 
 
@@ -382,7 +389,8 @@ class Attention(nn.Module):
             cache["v"][:, :, pos:pos + T] = v
             k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
         # kv head j serves q heads [j*g, (j+1)*g): enable_gqa repeats them inside SDPA
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+        # attn_mask None means plain causal for a fresh sequence, or no mask at all for one decoded token
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(bsz, T, -1))
 
@@ -606,7 +614,9 @@ class Model(nn.Module):
             real = valid if valid is not None else torch.ones_like(doc_ids, dtype=torch.bool)
             attn_mask = build_attn_mask(T, real, 0, doc_ids, doc_ids)
         elif cache is not None:
-            attn_mask = build_attn_mask(T, cache.valid[:, :pos + T], pos)
+            # without padding, a prefill from position 0 is plain causal and one decoded token sees everything
+            if not ((pos == 0 or T == 1) and bool(cache.valid[:, :pos + T].all())):
+                attn_mask = build_attn_mask(T, cache.valid[:, :pos + T], pos)
         elif valid is not None:
             attn_mask = build_attn_mask(T, valid, 0)
 

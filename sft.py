@@ -46,20 +46,21 @@ class SFTConfig:
     # batch
     seq_len: int = 512  # tokens per packed row
     micro_batch: int = 8  # rows per process per forward/backward
-    global_batch: int = 16  # rows per optimizer step, across processes and accumulation
-    epochs: float = 1.5  # passes over the data (paper: about 1.5)
+    global_batch: int = 8  # rows per optimizer step, across processes and accumulation
+    epochs: float = 2.0  # passes over the data (paper: about 1.5)
     max_steps: int = 0  # stop after this many steps (0 = from epochs)
     # optimizer (paper: lr 5e-5 -> 5e-6 cosine, 200 warmup steps, betas (0.9, 0.98), wd 0.1, global batch 64)
-    lr: float = 2e-3  # peak learning rate (high: the tiny default learns from scratch)
+    lr: float = 3e-3  # peak learning rate (high: the tiny default learns from scratch)
     min_lr: float = 2e-4  # end of the cosine
-    warmup_steps: int = 10  # linear warmup steps
+    warmup_steps: int = 20  # linear warmup steps
     schedule: str = "cosine"  # cosine or constant
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
     weight_decay: float = 0.1  # on matrices only
     grad_clip: float = 1.0  # max global grad norm (0 = off)
+    moe_bias_update_rate: float = 0.0  # aux-loss-free expert balancing step of the router bias (0 = off)
     # run
-    eval_every: int = 20  # validation loss every N steps (0 = only at the end)
-    save_every: int = 20  # checkpoint every N steps (0 = only at the end)
+    eval_every: int = 50  # validation loss every N steps (0 = only at the end)
+    save_every: int = 50  # checkpoint every N steps (0 = only at the end)
     keep_last: int = 2  # checkpoints kept
     seed: int = 0  # model init, data order, sampling
     device: str = "auto"  # auto, cpu or cuda
@@ -186,6 +187,7 @@ def main(cfg: SFTConfig):
 
     # model, sharding, optimizer
     model = load_model(cfg.model, d.device, cfg.seed)
+    model.config.moe_bias_update_rate = cfg.moe_bias_update_rate
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")
@@ -242,10 +244,11 @@ def main(cfg: SFTConfig):
         common.check_finite(step, loss=loss, grad_norm=grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        imbalance = common.balance_experts(model, d)
 
         dt = time.perf_counter() - t0
         metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens=int(n_tokens.item()),
-                       tokens_per_s=cfg.global_batch * cfg.seq_len / dt)
+                       tokens_per_s=cfg.global_batch * cfg.seq_len / dt, expert_imbalance=imbalance)
         done = step + 1
         if val is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
             metrics["val_loss"] = validation_loss()

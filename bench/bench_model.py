@@ -4,13 +4,13 @@ Benchmark the model against transformers' NemotronHForCausalLM on the same weigh
 1. Forward + backward time of a small model (hidden 256, 10 layers of all kinds, 32 experts, top-4, 4 x 256
    tokens): ours vs transformers, interleaved runs, median ratio (> 1 means we are faster).
 2. Peak extra memory of token log-probs + backward at vocab 131072: the chunked `token_logprobs` vs the plain
-   log_softmax of full logits. Each variant runs in a fresh process; the peak is the growth of ru_maxrss.
+   log_softmax of full logits. Each variant runs in a fresh process; the peak is the high-water mark of resident
+   memory (VmHWM, reset just before the run through /proc/self/clear_refs) minus the resident memory before it.
 
     python bench/bench_model.py [--repeats 7] [--device cpu]
 """
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -80,10 +80,14 @@ def memory_child(variant):
         run = lambda: torch.log_softmax(model(ids).float(), -1).gather(-1, targets[..., None]).sum()  # noqa: E731
     else:
         run = lambda: model.token_logprobs(ids, targets).sum()  # noqa: E731
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def status_kb(key):
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith(key + ":"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                       # reset the peak-RSS counter to the current RSS
+    base = status_kb("VmRSS")
     run().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((peak - base) / 1024)
+    print((status_kb("VmHWM") - base) / 1024)
 
 
 def bench_memory():

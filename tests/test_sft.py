@@ -238,7 +238,7 @@ def test_bad_options_and_data_give_named_errors(run_dir, capsys):
 def test_config_precedence_and_help_lists_every_field(run_dir, capsys):
     (run_dir / "preset.json").write_text(json.dumps({"lr": 1e-4, "seq_len": 64, "betas": [0.9, 0.95]}))
     cfg = common.parse_config(sft.SFTConfig, [f"--config={run_dir / 'preset.json'}", "--lr=5e-5"])
-    assert (cfg.lr, cfg.seq_len, cfg.betas, cfg.global_batch) == (5e-5, 64, (0.9, 0.95), 16)
+    assert (cfg.lr, cfg.seq_len, cfg.betas, cfg.global_batch) == (5e-5, 64, (0.9, 0.95), 8)
     with pytest.raises(SystemExit):
         common.parse_config(sft.SFTConfig, ["--help"])
     out = " ".join(capsys.readouterr().out.split())                      # undo argparse's line wrapping

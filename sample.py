@@ -1,0 +1,483 @@
+"""
+The in-process sampler: batched generation with the model's KV + SSM caches, group sampling and log-probs, and a
+CLI to chat with, prompt or evaluate a checkpoint.
+
+    generate(model, prompts, max_new_tokens, ...)   token ids in, list[Completion] out (what RL and MOPD call)
+    evaluate(model, tokenizer, examples, ...)       chat-template prompts -> responses -> per-domain scores
+
+How one generate() call runs:
+1. Prefill: the ragged prompts are LEFT-padded into one batch and run once (attention_mask keeps the padding out of
+   every row's state; prompts longer than prefill_chunk go in pieces). Only the last position goes through lm_head, so a long prompt never materialises [T, V]
+   logits.
+2. Group sampling: with n > 1, each prompt's cache row is copied n times (cache.select), so the n completions of a
+   prompt share one prefill, as GRPO's groups need.
+3. Decode: one token per step for every live row, through the KV cache (attention layers) and the conv + SSM state
+   (Mamba layers). A row that samples a stop token is finished, and the batch is compacted (cache.select drops
+   the row), so finished rows cost nothing from the next step on.
+
+The logprobs: `Completion.logprobs[t]` is log pi_sampler(y_t), the log-probability of the sampled token under the
+distribution it was actually drawn from: logits / temperature, then top-k, then top-p, renormalised. That is the
+denominator of MOPD's importance weight r_t = pi_train(y_t) / pi_sampler(y_t), so it must include the truncation.
+At temperature 1 with no top-k / top-p it equals the model's own log-softmax. Greedy decoding (temperature 0, or
+top_k=1) draws from a point mass, so its logprobs are 0.0. `raw_logprobs=True` also returns the model's untempered,
+untruncated log-softmax at each sampled token (`Completion.raw_logprobs`), which is what a trainer computes at
+temperature 1 and what the sampler/trainer mismatch metric compares against; it costs one more log-softmax per
+step.
+
+The sampler runs the very model object (and MoE kernels) the trainer trains, so there is no separate inference
+engine whose numerics could drift from the trainer's.
+
+CLI (the checkpoint directory holds an HF export: config.json, safetensors, tokenizer.json):
+
+    python sample.py --ckpt DIR                          # chat in the terminal, streamed (thinking dimmed)
+    python sample.py --ckpt DIR --no-think               # non-thinking mode
+    python sample.py --ckpt DIR --prompt "What is 2+2?"  # answer once and exit
+    python sample.py --ckpt DIR --eval data/eval.jsonl --n 4 --out scores.json   # per-domain pass@1 / avg@K
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from model import Model
+
+
+@dataclass
+class Completion:
+    tokens: list[int]                   # sampled ids; ends with the stop token when one was sampled
+    logprobs: list[float]               # log pi_sampler(token): tempered + truncated distribution (see the top)
+    finish_reason: str                  # "stop" (a stop token was sampled) or "length" (max_new_tokens reached)
+    raw_logprobs: Optional[list[float]] = None  # model log-softmax at temperature 1, untruncated (raw_logprobs=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One sampling step
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+    """
+    The log-probabilities [B, V] (fp32) of the distribution the sampler draws from: logits / temperature, keep the
+    top_k largest (0 = all; ties with the k-th are kept), then the smallest set of most likely tokens whose mass
+    reaches top_p, renormalised. Removed tokens get -inf. temperature must be > 0 (greedy is handled by the caller).
+    """
+    logits = logits.float() / temperature
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs          # mass of the tokens ranked above this one
+        drop = mass_before >= top_p
+        drop[:, 0] = False                                   # the most likely token always stays
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits.log_softmax(dim=-1)
+
+
+def sample_tokens(logits: torch.Tensor, temperature=1.0, top_p=1.0, top_k=0, generator=None, raw=False):
+    """
+    One token per row from logits [B, V]. Returns (tokens [B] int64, logprobs [B] fp32 under the sampling
+    distribution, raw logprobs [B] fp32 under the plain model distribution or None).
+    """
+    raw_lp = None
+    if raw:
+        raw_all = logits.float().log_softmax(dim=-1)
+    if temperature == 0 or top_k == 1:                       # greedy: a point mass, log-prob 0
+        tokens = logits.argmax(dim=-1)
+        logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
+    else:
+        logp = sampling_logprobs(logits, temperature, top_p, top_k)
+        # Exponential-race sampling: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i (the Gumbel-max
+        # trick in another guise). Unlike torch.multinomial it can never return a zero-probability token.
+        noise = torch.empty_like(logp).exponential_(generator=generator)
+        tokens = (logp.exp() / noise).argmax(dim=-1)
+        logprobs = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    if raw:
+        raw_lp = raw_all.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logprobs, raw_lp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generate
+
+
+def _last_logits(model: Model, input_ids, attention_mask=None, cache=None):
+    """Logits [B, V] of the last position only (lm_head on one position, not T)."""
+    h = model.hidden_states(input_ids, attention_mask=attention_mask, cache=cache)
+    return model.lm_head(h[:, -1])
+
+
+@torch.inference_mode()
+def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, n: int = 1, stop_token_ids=None, seed: Optional[int] = None, *,
+             raw_logprobs: bool = False, prefill_chunk: int = 4096,
+             on_step: Optional[Callable[[list[int], list[int]], None]] = None) -> list[Completion]:
+    """
+    Sample n completions for each prompt (a list of token-id lists of any lengths, each non-empty).
+
+    Returns len(prompts) * n Completions, grouped by prompt: completion j of prompt i is at index i * n + j.
+    temperature 0 is greedy. top_k 0 and top_p 1 disable those filters. stop_token_ids None = the model config's
+    eos; an empty collection = no stop token (every row runs max_new_tokens). A row ends at its first stop token,
+    which is kept as its last token (finish_reason "stop"); otherwise it ends after max_new_tokens ("length").
+    seed: a torch.Generator seeded with it drives all draws, so the same call with the same seed gives the same
+    completions (on the same device and batch); None uses torch's global RNG.
+    raw_logprobs: also fill Completion.raw_logprobs (see the module docstring for logprobs vs raw_logprobs).
+    prefill_chunk: prompts longer than this are prefilled in pieces of this many tokens (0 = in one go), which
+    bounds the attention mask and scan temporaries of long prompts; the result is the same up to rounding.
+    on_step(indices, tokens): called after every decoding step with the completion indices still running and
+    the token each just sampled (the CLI streams with it); finished completions no longer appear.
+
+    Runs under torch.inference_mode and leaves the model's train/eval mode alone (the model has no dropout).
+    Under FSDP2, gather the parameters once around the whole call (unshard() every FSDP module before, with
+    reshard-after-forward off, and reshard() after), not per step: generate calls the model once per token.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+    if stop_token_ids is None:
+        eos = model.config.eos_token_id
+        stop_token_ids = [eos] if eos is not None else []
+    stop_token_ids = sorted(set(int(t) for t in stop_token_ids))
+    N = len(prompts) * n
+    if N == 0 or max_new_tokens <= 0:
+        return [Completion([], [], "length", [] if raw_logprobs else None) for _ in range(N)]
+
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    # 1. prefill, left-padded; the pad id is irrelevant (padding never reaches a row's state)
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    mask = torch.zeros(len(prompts), L, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, L - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    cache = model.new_cache(len(prompts), L + max_new_tokens - 1)   # the last sampled token is never fed back
+    chunk = prefill_chunk if prefill_chunk > 0 else L
+    for start in range(0, L, chunk):
+        piece = mask[:, start:start + chunk]
+        logits = _last_logits(model, ids[:, start:start + chunk], cache=cache,
+                              attention_mask=None if bool(piece.all()) else piece)
+
+    # 2. group sampling: n copies of each prompt's state
+    if n > 1:
+        rows = torch.arange(len(prompts), device=device).repeat_interleave(n)
+        cache.select(rows)
+        logits = logits[rows]
+
+    # 3. decode. `live` holds the completion index of each row of the (compacting) batch. Each step's (index,
+    # token, logprob) records are kept, moved to the host every 64 steps: memory grows with the tokens actually
+    # generated, not with rows x max_new_tokens.
+    stop_t = torch.tensor(stop_token_ids, dtype=torch.long, device=device)
+    live = torch.arange(N, device=device)
+    records, pending = [], []
+    for step in range(max_new_tokens):
+        tokens, logprobs, raw = sample_tokens(logits, temperature, top_p, top_k, generator, raw=raw_logprobs)
+        pending.append((live, tokens, logprobs, raw))
+        if len(pending) == 64:
+            records.append(_to_host(pending))
+            pending = []
+        if on_step is not None:
+            on_step(live.tolist(), tokens.tolist())
+        if step == max_new_tokens - 1:
+            break
+        if stop_token_ids:
+            stopped = torch.isin(tokens, stop_t)
+            if bool(stopped.any()):                        # compact: finished rows leave the batch
+                keep = (~stopped).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.select(keep)
+                live, tokens = live[keep], tokens[keep]
+        logits = _last_logits(model, tokens[:, None], cache=cache)
+    if pending:
+        records.append(_to_host(pending))
+
+    # 4. unpack: a stable sort by completion index keeps each completion's tokens in step order
+    index, tokens, logprobs, raw = (torch.cat(parts) if parts[0] is not None else None for parts in zip(*records))
+    order = index.argsort(stable=True)
+    counts = torch.bincount(index, minlength=N).tolist()
+    tokens, logprobs = tokens[order].split(counts), logprobs[order].split(counts)
+    raw = raw[order].split(counts) if raw_logprobs else [None] * N
+    stop_set = set(stop_token_ids)
+    completions = []
+    for toks, lps, raws in zip(tokens, logprobs, raw):
+        toks = toks.tolist()
+        completions.append(Completion(
+            tokens=toks, logprobs=lps.tolist(),
+            finish_reason="stop" if toks and toks[-1] in stop_set else "length",
+            raw_logprobs=raws.tolist() if raws is not None else None))
+    return completions
+
+
+def _to_host(steps):
+    """[(index, token, logprob, raw or None) per step] -> the same four, concatenated over steps, on the CPU."""
+    return tuple(torch.cat(parts).cpu() if parts[0] is not None else None for parts in zip(*steps))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def response_text(tokenizer, completion: Completion, thinking: bool = True) -> str:
+    """The assistant turn as text for the verifiers: the template's opener (`<think>\\n` or `<think></think>`) plus
+    the sampled tokens, decoded with special tokens kept (the think tags are special), the stop token dropped.
+    With the opener in front the text says by itself whether it is a thinking response."""
+    tokens = completion.tokens
+    if completion.finish_reason == "stop":
+        tokens = tokens[:-1]
+    opener = "<think>\n" if thinking else "<think></think>"
+    return opener + tokenizer.decode(tokens)
+
+
+def evaluate(model: Model, tokenizer, examples: list[dict], n: int = 1, max_new_tokens: int = 1024,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, thinking: bool = True,
+             batch_size: int = 32, seed: Optional[int] = 0, progress: bool = False, return_responses: bool = False,
+             **score_kwargs) -> dict:
+    """
+    Held-out scores of a model: render each example's prompt with the chat template (generation prompt,
+    thinking or not), sample n responses per example (batch_size prompts per generate call, prompts sorted by
+    length so a batch pads little), and grade them with tasks.score_responses (extra keyword arguments go to
+    it). Returns its result (per-domain pass@1 / avg@n ...), plus "generation": the share of responses cut off
+    at max_new_tokens, their mean length and the sampling settings (and "responses", the texts per example, with
+    return_responses=True). The stage scripts import this for their held-out evaluations;
+    `python sample.py --ckpt DIR --eval FILE` is its command line.
+    """
+    import tasks
+    from tokenizer import encode_prompt
+
+    prompts = [encode_prompt(tokenizer, tasks.prompt_messages(ex), tools=ex.get("tools"), thinking=thinking)
+               for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    responses: list[list[str]] = [[] for _ in examples]
+    n_tokens, n_cut = 0, 0
+    t0 = time.perf_counter()
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        outs = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k, n=n, stop_token_ids=tokenizer.stop_token_ids,
+                        seed=None if seed is None else seed + start)
+        for k, i in enumerate(batch):
+            group = outs[k * n:(k + 1) * n]
+            responses[i] = [response_text(tokenizer, c, thinking) for c in group]
+            n_tokens += sum(len(c.tokens) for c in group)
+            n_cut += sum(c.finish_reason == "length" for c in group)
+        if progress:
+            done = min(start + batch_size, len(order))
+            print(f"\r  generated {done}/{len(order)} prompts x {n} ({n_tokens / (time.perf_counter() - t0):,.0f} "
+                  f"tokens/s)", end="" if done < len(order) else "\n", file=sys.stderr, flush=True)
+    result = tasks.score_responses(examples, responses, **score_kwargs)
+    total = max(len(examples) * n, 1)
+    result = dict(result)
+    result["generation"] = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k, thinking=thinking,
+                                max_new_tokens=max_new_tokens, truncated=n_cut / total,
+                                mean_tokens=n_tokens / total, seconds=time.perf_counter() - t0)
+    if return_responses:
+        result["responses"] = responses
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+class _Streamer:
+    """
+    Prints one completion as it is sampled. Byte-level BPE can split a character across tokens, so the text is
+    re-decoded per segment and only the new, complete suffix is printed. In thinking mode the thought (up to
+    </think>) is dimmed on a terminal and wrapped in literal <think>...</think> tags elsewhere. Stop tokens are
+    not printed.
+    """
+
+    DIM, RESET = "\033[2m", "\033[0m"
+
+    def __init__(self, tokenizer, thinking: bool, stop_ids, out=sys.stdout):
+        self.tok, self.out, self.stop_ids = tokenizer, out, set(stop_ids)
+        self.tty = out.isatty()
+        self.think_close = tokenizer.tokenizer.token_to_id("</think>")
+        self.in_thought = thinking
+        self.segment, self.printed = [], ""
+        if thinking:
+            self._write(self.DIM if self.tty else "<think>\n")
+
+    def _write(self, s):
+        self.out.write(s)
+        self.out.flush()
+
+    def _flush(self, final=False):
+        text = self.tok.decode(self.segment)
+        if text.endswith("\ufffd") and not final:           # half a character: wait for the next token
+            return
+        self._write(text[len(self.printed):])
+        self.printed = text
+
+    def __call__(self, indices, tokens):
+        token = tokens[0]
+        if token in self.stop_ids:
+            return
+        if self.in_thought and token == self.think_close:
+            self._flush(final=True)
+            self._write(self.RESET + "\n" if self.tty else "</think>\n")
+            self.in_thought, self.segment, self.printed = False, [], ""
+            return
+        self.segment.append(token)
+        self._flush()
+
+    def end(self):
+        self._flush(final=True)
+        if self.in_thought and self.tty:
+            self._write(self.RESET)
+        self._write("\n")
+
+
+def _pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _pick_dtype(name, device):
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+def _reply(model, tokenizer, messages, args, thinking, seed=None):
+    """Stream one assistant turn; return its text (stop token dropped) and the completion."""
+    from tokenizer import encode_prompt
+    prompt = encode_prompt(tokenizer, messages, thinking=thinking)
+    streamer = _Streamer(tokenizer, thinking, tokenizer.stop_token_ids)
+    t0 = time.perf_counter()
+    c = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                 top_k=args.top_k, stop_token_ids=tokenizer.stop_token_ids, seed=seed, on_step=streamer)[0]
+    streamer.end()
+    dt = time.perf_counter() - t0
+    print(f"[{len(c.tokens)} tokens, {len(c.tokens) / dt:.1f} tokens/s, finish: {c.finish_reason}]",
+          file=sys.stderr, flush=True)
+    return response_text(tokenizer, c, thinking), c
+
+
+def _history_entry(text):
+    """An assistant turn for the history. The template drops earlier turns' thinking anyway, so keep the answer;
+    if the thought never closed (cut at --max-new-tokens), keep its text without the tag as the answer."""
+    from tokenizer import parse_response
+    parsed = parse_response(text)
+    content = parsed["answer"] if parsed["thinking_closed"] else (parsed["thinking"] or "")
+    return {"role": "assistant", "content": content}
+
+
+def chat(model, tokenizer, args):
+    thinking = not args.no_think
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"chat ({'thinking' if thinking else 'non-thinking'} mode). /reset clears the history, /exit or "
+          f"Ctrl-D quits.", file=sys.stderr)
+    for turn in itertools.count():
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            seed = None if args.seed is None else args.seed + turn          # a fresh draw every turn
+            text, _ = _reply(model, tokenizer, messages, args, thinking, seed)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append(_history_entry(text))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description="Chat with, prompt, or evaluate a checkpoint (an HF export dir: config.json, safetensors, "
+                    "tokenizer.json).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="checkpoint directory")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json or HF directory (None = the checkpoint's)")
+    ap.add_argument("--prompt", default=None, help="answer this one user message and exit")
+    ap.add_argument("--system", default=None, help="system prompt for chat / --prompt")
+    ap.add_argument("--no-think", action="store_true", help="non-thinking mode (empty <think></think>)")
+    ap.add_argument("--eval", default=None, metavar="FILE.jsonl",
+                    help="evaluate on these examples (any file tasks.load_examples reads, or 'tiny' for the shipped "
+                         "eval split): per-domain table + JSON")
+    ap.add_argument("--n", type=int, default=1, help="samples per eval example (avg@n / pass@n)")
+    ap.add_argument("--out", default="scores.json", help="where --eval writes its scores")
+    ap.add_argument("--save-responses", action="store_true", help="also write every response into --out")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    ap.add_argument("--batch-size", type=int, default=32, help="eval prompts per generate call")
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    ap.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per response at most")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (-1 = unseeded)")
+    ap.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto = bfloat16 on cuda, float32 on cpu")
+    args = ap.parse_args(argv)
+    if args.seed is not None and args.seed < 0:
+        args.seed = None
+
+    from tokenizer import load_tokenizer
+    device = _pick_device(args.device)
+    model = Model.from_pretrained(args.ckpt, dtype=_pick_dtype(args.dtype, device), device=device).eval()
+    tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        print(f"warning: tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}",
+              file=sys.stderr)
+
+    if args.eval:
+        import tasks
+        examples = tasks.load_examples(args.eval, "eval" if args.eval == "tiny" else None, limit=args.limit)
+        if args.n > 1 and args.temperature == 0:
+            print("warning: --n > 1 with --temperature 0 samples the same response n times", file=sys.stderr)
+        result = evaluate(model, tokenizer, examples, n=args.n, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          thinking=not args.no_think, batch_size=args.batch_size, seed=args.seed, progress=True,
+                          return_responses=args.save_responses)
+        print(tasks.format_score_table(result))
+        g = result["generation"]
+        print(f"{len(examples)} examples x {args.n}: {g['mean_tokens']:.0f} tokens per response, "
+              f"{g['truncated']:.1%} cut at --max-new-tokens, {g['seconds']:.1f} s")
+        result["ckpt"], result["eval_file"] = os.path.abspath(args.ckpt), os.path.abspath(args.eval)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2, default=str)
+            print(f"wrote {args.out}")
+        return result
+    thinking = not args.no_think
+    if args.prompt is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        _reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args, thinking, args.seed)
+        return None
+    chat(model, tokenizer, args)
+    return None
+
+
+if __name__ == "__main__":
+    main()

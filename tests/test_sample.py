@@ -1,0 +1,283 @@
+"""The sampler against plain full forwards (no cache): greedy chains, log-probs, group sampling from one prefill,
+the top-k / top-p support, stop tokens and lengths, seeding, streaming; and the CLI on a tiny exported checkpoint."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import Model
+from sample import Completion, generate, sample_tokens, sampling_logprobs
+from tests.conftest import small_config
+from tests.test_model import randomize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [[5, 17, 33], list(range(40, 61)), [9], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80]]  # 3, 21, 1, 11
+
+
+@pytest.fixture(scope="module")
+def model():
+    # every layer kind (M, *, E, -); chunk_size 8 so the 21-token prompt spans three scan chunks
+    return randomize(Model(small_config())).eval()
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt, steps):
+    """The argmax chain of repeated full forwards over the growing sequence, one prompt alone, no cache."""
+    seq = list(prompt)
+    for _ in range(steps):
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@torch.no_grad()
+def full_logits(model, prompt, tokens):
+    """Logits [len(tokens), V] that predicted each of `tokens`, from one full forward without a cache."""
+    seq = torch.tensor([list(prompt) + list(tokens)])
+    return model(seq)[0, len(prompt) - 1:-1].float()
+
+
+def test_greedy_equals_full_forward_argmax_chain(model):
+    out = generate(model, PROMPTS, 12, temperature=0, stop_token_ids=[])
+    assert len(out) == len(PROMPTS) and all(isinstance(c, Completion) for c in out)
+    for prompt, c in zip(PROMPTS, out):
+        assert c.tokens == greedy_reference(model, prompt, 12)
+        assert c.finish_reason == "length" and c.logprobs == [0.0] * 12     # greedy: a point mass
+
+
+def test_logprobs_are_the_models_log_softmax_and_groups_are_laid_out_by_prompt(model):
+    n = 3
+    out = generate(model, PROMPTS, 8, temperature=1.0, n=n, stop_token_ids=[], seed=0, raw_logprobs=True)
+    assert len(out) == len(PROMPTS) * n
+    for i, prompt in enumerate(PROMPTS):
+        for j in range(n):
+            c = out[i * n + j]                                           # completion j of prompt i
+            ref = full_logits(model, prompt, c.tokens).log_softmax(-1)
+            ref = ref.gather(-1, torch.tensor(c.tokens)[:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(c.raw_logprobs), ref, atol=1e-4, rtol=0)
+
+
+def test_logprobs_are_those_of_the_tempered_truncated_distribution(model):
+    """logprobs = the distribution actually sampled from (MOPD's pi_sampler); raw_logprobs = the plain model's."""
+    kw = dict(temperature=0.7, top_p=0.9, top_k=20)
+    out = generate(model, PROMPTS, 8, n=2, stop_token_ids=[], seed=1, raw_logprobs=True, **kw)
+    for i, prompt in enumerate(PROMPTS):
+        for c in out[2 * i:2 * i + 2]:
+            logits = full_logits(model, prompt, c.tokens)
+            idx = torch.tensor(c.tokens)[:, None]
+            sampler = sampling_logprobs(logits, **kw).gather(-1, idx).squeeze(-1)
+            raw = logits.log_softmax(-1).gather(-1, idx).squeeze(-1)
+            assert torch.isfinite(sampler).all()                         # every sampled token was allowed
+            torch.testing.assert_close(torch.tensor(c.logprobs), sampler, atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(c.raw_logprobs), raw, atol=1e-4, rtol=0)
+            assert (sampler > raw).all()                                 # truncation + T < 1 sharpen
+
+
+def test_seeded_sampling_is_reproducible(model):
+    a = generate(model, PROMPTS, 10, n=2, seed=123, stop_token_ids=[])
+    b = generate(model, PROMPTS, 10, n=2, seed=123, stop_token_ids=[])
+    c = generate(model, PROMPTS, 10, n=2, seed=124, stop_token_ids=[])
+    assert a == b
+    assert [x.tokens for x in a] != [x.tokens for x in c]
+
+
+def test_group_sampling_shares_one_prefill(model):
+    calls = []
+    hook = model.backbone.embeddings.register_forward_hook(lambda mod, args, out: calls.append(tuple(args[0].shape)))
+    try:
+        n = 4
+        out = generate(model, PROMPTS, 6, n=n, seed=0, stop_token_ids=[])
+    finally:
+        hook.remove()
+    prefills = [shape for shape in calls if shape[1] > 1]
+    assert prefills == [(len(PROMPTS), max(map(len, PROMPTS)))]          # one prefill, one row per prompt
+    assert all(shape == (len(PROMPTS) * n, 1) for shape in calls[1:])     # then steps over all n*P rows
+    for i in range(len(PROMPTS)):
+        group = [tuple(c.tokens) for c in out[i * n:(i + 1) * n]]
+        assert len(set(group)) == n, f"prompt {i}: the {n} samples are not distinct"
+
+
+def test_top_k_one_is_greedy(model):
+    greedy = generate(model, PROMPTS, 10, temperature=0, stop_token_ids=[])
+    topk1 = generate(model, PROMPTS, 10, temperature=1.3, top_k=1, seed=5, stop_token_ids=[])
+    assert [c.tokens for c in topk1] == [c.tokens for c in greedy]
+
+
+def test_sampler_support_and_frequencies_on_fixed_logits():
+    """A fixed-logit 'model': probabilities 0.4, 0.25, 0.15, 0.1, 0.06, 0.04 over six tokens."""
+    p = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    logits = p.log().repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+
+    def freq(**kw):
+        tokens, logprobs, _ = sample_tokens(logits, generator=g, **kw)
+        return torch.bincount(tokens, minlength=6).float() / len(tokens), tokens, logprobs
+
+    f, _, _ = freq()
+    torch.testing.assert_close(f, p, atol=0.015, rtol=0)
+    f, tokens, logprobs = freq(top_k=3)                                  # support {0, 1, 2}, renormalised
+    assert set(tokens.tolist()) == {0, 1, 2}
+    torch.testing.assert_close(f[:3], p[:3] / p[:3].sum(), atol=0.015, rtol=0)
+    torch.testing.assert_close(logprobs, (p / p[:3].sum()).log()[tokens])
+    f, tokens, _ = freq(top_p=0.6)            # mass before token 1 is 0.4 < 0.6, before token 2 is 0.65: {0, 1}
+    assert set(tokens.tolist()) == {0, 1}
+    torch.testing.assert_close(f[:2], p[:2] / p[:2].sum(), atol=0.015, rtol=0)
+    f, tokens, _ = freq(top_p=0.3)                                       # the top token always stays
+    assert set(tokens.tolist()) == {0}
+    f, tokens, _ = freq(temperature=0.5)                                 # p^2, renormalised
+    torch.testing.assert_close(f, p.square() / p.square().sum(), atol=0.015, rtol=0)
+
+
+def test_top_k_and_top_p_restrict_the_support_of_the_model(model):
+    n = 300
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPTS[0]]))[0, -1].float()
+    order = logits.argsort(descending=True)
+    topk_allowed = set(order[:5].tolist())
+    probs = logits.softmax(-1)[order]
+    keep = int(((probs.cumsum(0) - probs) < 0.3).sum())                  # the nucleus of mass 0.3
+    topp_allowed = set(order[:keep].tolist())
+    assert 1 < keep < 50
+    got_k = {c.tokens[0] for c in generate(model, [PROMPTS[0]], 1, top_k=5, n=n, seed=0, stop_token_ids=[])}
+    got_p = {c.tokens[0] for c in generate(model, [PROMPTS[0]], 1, top_p=0.3, n=n, seed=0, stop_token_ids=[])}
+    got_all = {c.tokens[0] for c in generate(model, [PROMPTS[0]], 1, n=n, seed=0, stop_token_ids=[])}
+    assert got_k == topk_allowed                     # near-uniform logits at init: all 5 show up in 300 draws
+    assert got_p <= topp_allowed and len(got_p) > 1
+    assert len(got_all - topp_allowed) > 0           # the unrestricted sampler does go outside them
+
+
+def test_stop_tokens_end_rows_independently(model):
+    steps = 12
+    refs = [greedy_reference(model, p, steps) for p in PROMPTS]
+    # a stop token that row 0 samples at step 2; the other rows stop at its first occurrence (if any) or run on
+    stop = refs[0][2]
+    out = generate(model, PROMPTS, steps, temperature=0, stop_token_ids=[stop])
+    for ref, c in zip(refs, out):
+        if stop in ref:
+            k = ref.index(stop) + 1
+            assert c.tokens == ref[:k] and c.finish_reason == "stop"
+        else:
+            assert c.tokens == ref and c.finish_reason == "length"
+        assert len(c.logprobs) == len(c.tokens)
+    assert len(out[0].tokens) == 3 and any(c.finish_reason == "length" or len(c.tokens) > 3 for c in out[1:]), \
+        "pick prompts so that rows stop at different steps"
+    # a second stop token ends another row earlier, while the first keeps its place
+    stop2 = refs[1][0]
+    out2 = generate(model, PROMPTS, steps, temperature=0, stop_token_ids=[stop, stop2])
+    assert out2[1].tokens == [stop2] and out2[1].finish_reason == "stop"
+    assert out2[0].tokens[-1] in (stop, stop2)
+
+
+def test_default_stop_is_the_config_eos_and_length_finish(model):
+    ref = greedy_reference(model, PROMPTS[0], 8)
+    eos_model = randomize(Model(small_config(eos_token_id=ref[3]))).eval()     # same weights, other eos
+    c = generate(eos_model, [PROMPTS[0]], 8, temperature=0)[0]
+    assert c.tokens == ref[:ref.index(ref[3]) + 1] and c.finish_reason == "stop"
+    c = generate(eos_model, [PROMPTS[0]], 8, temperature=0, stop_token_ids=())[0]   # empty: no stop token
+    assert c.tokens == ref and c.finish_reason == "length"
+    c = generate(model, [PROMPTS[0]], 5, temperature=0, stop_token_ids=[])[0]
+    assert len(c.tokens) == 5 and c.finish_reason == "length"
+
+
+def test_streaming_callback_sees_every_token(model):
+    seen = {}
+    out = generate(model, PROMPTS, 9, n=2, seed=3, stop_token_ids=[7, 11, 13, 17, 19, 23, 29, 31],
+                   on_step=lambda idx, toks: [seen.setdefault(i, []).append(t) for i, t in zip(idx, toks)])
+    assert {i: c.tokens for i, c in enumerate(out)} == seen
+
+
+def test_bad_arguments():
+    m = Model(small_config()).eval()
+    with pytest.raises(ValueError, match="empty"):
+        generate(m, [[1, 2], []], 3)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(m, [[1, 2]], 3, top_p=0)
+    assert generate(m, [[1, 2]], 0, n=2) == [Completion([], [], "length")] * 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI and evaluate on a tiny exported checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    tokenizer_mod = pytest.importorskip("tokenizer")
+    texts = ["What is 2+2? The answer is \\boxed{4}.", "Write a haiku about the sea, all in lowercase.",
+             "def add(a, b):\n    return a + b\n", "{\"name\": \"Ada\", \"age\": 36}"] * 20
+    tok = tokenizer_mod.train_bpe(texts, vocab_size=300)
+    d = tmp_path_factory.mktemp("ckpt") / "export"
+    randomize(Model(small_config(vocab_size=300))).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_cli_prompt_answers_once(ckpt):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(ckpt), "--prompt", "hi",
+                        "--max-new-tokens", "6", "--device", "cpu", "--seed", "1"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("<think>\n")                 # not a tty: the thought is marked, not dimmed
+    assert "finish: length" in r.stderr or "finish: stop" in r.stderr
+
+
+def test_evaluate_and_eval_cli(ckpt, tmp_path):
+    tasks = pytest.importorskip("tasks")
+    if not hasattr(tasks, "score_responses"):
+        pytest.skip("tasks.score_responses not there yet")
+    import sample
+    rows = [{"domain": "math", "messages": [{"role": "user", "content": f"What is {a}+{a}?"}], "answer": str(2 * a)}
+            for a in range(3)]
+    f = tmp_path / "eval.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scores.json"
+    result = sample.main(["--ckpt", str(ckpt), "--eval", str(f), "--n", "2", "--out", str(out),
+                          "--max-new-tokens", "4", "--device", "cpu"])
+    assert json.loads(out.read_text())["generation"]["n"] == 2
+    assert result["generation"]["truncated"] == 1.0          # 4 tokens of a random model never stop
+
+
+def test_evaluate_maps_responses_back_to_their_examples(ckpt, monkeypatch):
+    """evaluate sorts prompts by length and batches them; each response must still be graded against its own
+    example. A fake generate answers every prompt correctly (thinking and non-thinking), so all must score 1."""
+    tasks = pytest.importorskip("tasks")
+    if not hasattr(tasks, "score_responses"):
+        pytest.skip("tasks.score_responses not there yet")
+    import re
+
+    import sample
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(ckpt)
+    stop = tok.stop_token_ids[-1]
+
+    def fake_generate(model, prompts, max_new_tokens, n=1, **kw):
+        outs = []
+        for p in prompts:
+            a = int(re.findall(r"What is (\d+)\+", tok.decode(p))[-1])
+            text = f"{a}+{a} is {2 * a}.\n</think>\n\\boxed{{{2 * a}}}" if thinking else f"\\boxed{{{2 * a}}}"
+            ids = tok.encode(text) + [stop]
+            outs += [Completion(ids, [0.0] * len(ids), "stop") for _ in range(n)]
+        return outs
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    examples = [{"domain": "math", "messages": [{"role": "user", "content": f"What is {a}+{a}?"}], "answer": str(2 * a)}
+                for a in (123456789, 7, 4242, 31)]
+    for thinking in (True, False):
+        result = sample.evaluate(None, tok, examples, n=2, batch_size=3, thinking=thinking, return_responses=True)
+        assert result["all"]["pass@1"] == 1.0 and result["all"]["avg@k"] == 1.0, result["responses"]
+        assert result["responses"][1][0].startswith("<think>\n" if thinking else "<think></think>")
+        assert "<|im_end|>" not in result["responses"][1][0]
+
+
+def test_chunked_prefill_matches_one_prefill(model):
+    """Long prompts are prefilled in pieces (left padding lands in the first pieces, some of them all padding)."""
+    whole = generate(model, PROMPTS, 6, temperature=1.0, seed=9, stop_token_ids=[], prefill_chunk=0, raw_logprobs=True)
+    for chunk in (4, 7):
+        parts = generate(model, PROMPTS, 6, temperature=1.0, seed=9, stop_token_ids=[], prefill_chunk=chunk,
+                         raw_logprobs=True)
+        assert [c.tokens for c in parts] == [c.tokens for c in whole]
+        for a, b in zip(parts, whole):
+            torch.testing.assert_close(torch.tensor(a.raw_logprobs), torch.tensor(b.raw_logprobs), atol=1e-4, rtol=0)
