@@ -418,6 +418,14 @@ class MetricsLog:
             self.wandb.log(metrics, step=step)
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: allocated GPU memory on CUDA, resident memory (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def read_metrics(path):
     with open(path) as f:
         return [json.loads(ln) for ln in f if ln.strip()]

@@ -197,6 +197,20 @@ def moe_experts_loop(x, topk_ids, topk_weights, w_up, w_down):
 # Row offsets are cast to int64 before multiplying by strides (P*H passes 2^31 around 64K tokens at Nano shapes).
 
 
+@triton.jit
+def _router_scores(logits_ptr, rows, cols, row_ok, col_ok, stride_lt, SOFTMAX: tl.constexpr):
+    """The [BLOCK_T, BLOCK_E] tile of router scores: elementwise sigmoid, or softmax over the real experts."""
+    logits = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :],
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    if SOFTMAX:
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        scores = p / tl.sum(p, axis=1)[:, None]
+    else:
+        scores = tl.sigmoid(logits)
+    return scores
+
+
 # Routing. One program owns BLOCK_T token rows and all E experts (BLOCK_E = next_pow2(E) columns):
 #
 #       logits tile [BLOCK_T, BLOCK_E] --sigmoid/softmax--> s;   choice = s + bias  (padding columns = -inf)
@@ -215,14 +229,7 @@ def _route_topk_fwd_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, E, str
     kcols = tl.arange(0, BLOCK_K)
     row_ok = rows < T
     col_ok = cols < E
-    logits = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :],
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    if SOFTMAX:
-        logits = tl.where(col_ok[None, :], logits, float("-inf"))
-        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        scores = p / tl.sum(p, axis=1)[:, None]
-    else:
-        scores = tl.sigmoid(logits)
+    scores = _router_scores(logits_ptr, rows, cols, row_ok, col_ok, stride_lt, SOFTMAX)
     choice = scores
     if HAS_BIAS:
         choice += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
@@ -265,14 +272,7 @@ def _route_topk_bwd_kernel(logits_ptr, ids_ptr, dw_ptr, dlogits_ptr, T, E, strid
     row_ok = rows < T
     col_ok = cols < E
     mask = row_ok[:, None] & col_ok[None, :]
-    logits = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
-    if SOFTMAX:
-        logits = tl.where(col_ok[None, :], logits, float("-inf"))
-        p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        scores = p / tl.sum(p, axis=1)[:, None]
-    else:
-        scores = tl.sigmoid(logits)
+    scores = _router_scores(logits_ptr, rows, cols, row_ok, col_ok, stride_lt, SOFTMAX)
     pk = rows[:, None].to(tl.int64) * K + kcols[None, :]
     pk_ok = row_ok[:, None] & (kcols[None, :] < K)
     ids = tl.load(ids_ptr + pk, mask=pk_ok, other=-1).to(tl.int32)        # [BLOCK_T, BLOCK_K]

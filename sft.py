@@ -248,7 +248,8 @@ def main(cfg: SFTConfig):
 
         dt = time.perf_counter() - t0
         metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens=int(n_tokens.item()),
-                       tokens_per_s=cfg.global_batch * cfg.seq_len / dt, expert_imbalance=imbalance)
+                       tokens_per_s=cfg.global_batch * cfg.seq_len / dt, expert_imbalance=imbalance,
+                       peak_mem_mb=common.peak_memory_mb(d.device))
         done = step + 1
         if val is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
             metrics["val_loss"] = validation_loss()
