@@ -211,9 +211,15 @@ def main(cfg: SFTConfig):
         model.eval()
         loss_sum, count = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
         with torch.no_grad():
-            for s in range(d.rank * cfg.micro_batch, len(val[0]), per_step):
-                rows = slice(s, s + cfg.micro_batch)
-                ls, c = batch_loss(model, val[0][rows], val[1][rows], val[2][rows], d.device)
+            # every process runs the same number of forwards (FSDP's all-gathers must pair up); a process
+            # with no rows left runs row 0 with every target ignored
+            for start in range(0, len(val[0]), per_step):
+                rows = np.arange(start + d.rank * cfg.micro_batch, start + (d.rank + 1) * cfg.micro_batch)
+                rows = rows[rows < len(val[0])]
+                ids, tgt, doc = (a[rows] if len(rows) else a[:1] for a in val)
+                if not len(rows):
+                    tgt = np.full_like(tgt, -100)
+                ls, c = batch_loss(model, ids, tgt, doc, d.device)
                 loss_sum, count = loss_sum + ls, count + c
         model.train()
         return (common.all_reduce_sum(loss_sum, d) / common.all_reduce_sum(count, d).clamp(min=1)).item()

@@ -145,6 +145,11 @@ def test_two_processes_give_the_losses_of_one(run_dir):
     a, b = losses(run_dir / "one"), losses(run_dir / "two")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
     np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-5, atol=1e-5)
+    # validation too, where one process has fewer held-out rows than the other
+    val = [[r["val_loss"] for r in common.read_metrics(run_dir / o / "metrics.jsonl") if "val_loss" in r]
+           for o in ("one", "two")]
+    assert len(val[0]) == 2
+    np.testing.assert_allclose(val[0], val[1], rtol=1e-5, atol=1e-5)
 
 
 def test_sigkill_then_restart_continues_the_same_loss_sequence(run_dir):
