@@ -711,15 +711,33 @@ class Model(nn.Module):
 
     # -- HF checkpoints --------------------------------------------------------------------------------------
 
-    def hf_tensors(self, state_dict=None):
-        """Yield (hf_name, tensor) in the released layout: one tensor per routed expert."""
-        for name, t in (state_dict if state_dict is not None else self.state_dict()).items():
+    @staticmethod
+    def hf_layout(state_dict):
+        """(hf_name, our name, expert index or None) for each tensor of the released layout: one per expert."""
+        for name, t in state_dict.items():
             if name.endswith(("experts.up_proj", "experts.down_proj")):
                 prefix, proj = name.rsplit(".", 1)
                 for e in range(t.shape[0]):
-                    yield f"{prefix}.{e}.{proj}.weight", t[e]
+                    yield f"{prefix}.{e}.{proj}.weight", name, e
             else:
-                yield name, t
+                yield name, name, None
+
+    def hf_tensors(self, state_dict=None):
+        """Yield (hf_name, tensor) in the released layout."""
+        sd = state_dict if state_dict is not None else self.state_dict()
+        for hf_name, name, e in self.hf_layout(sd):
+            yield hf_name, sd[name] if e is None else sd[name][e]
+
+    @staticmethod
+    def config_from_pretrained(path, moe_impl=None) -> "ModelConfig":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"{cfg_path}: no config.json in checkpoint directory {path}")
+        config = ModelConfig.from_json(cfg_path)
+        if moe_impl is not None:
+            config.moe_impl = moe_impl
+            config.validate()
+        return config
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, moe_impl=None):
@@ -729,35 +747,30 @@ class Model(nn.Module):
         so a 30B checkpoint never sits in memory twice. dtype None = the config's torch_dtype (fp32 if absent);
         FP32_TENSORS stay fp32 regardless.
         """
-        from safetensors import safe_open
-
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{cfg_path}: no config.json in checkpoint directory {path}")
-        config = ModelConfig.from_json(cfg_path)
-        if moe_impl is not None:
-            config.moe_impl = moe_impl
-            config.validate()
+        config = cls.config_from_pretrained(path, moe_impl)
         if dtype is None:
-            with open(cfg_path) as f:
+            with open(os.path.join(path, "config.json")) as f:
                 raw = json.load(f)
             dtype = getattr(torch, raw.get("torch_dtype") or raw.get("dtype") or "float32")
-        device = torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(config)
-        model.to_empty(device=device)
+        model.to_empty(device=torch.device(device or "cpu"))
         model.set_dtype(dtype)
+        return model.load_hf_weights(path)
+
+    @torch.no_grad()
+    def load_hf_weights(self, path):
+        """
+        Fill this model's tensors from the safetensors of an HF directory, one tensor at a time, checking every
+        name and shape: missing, unexpected and mis-shaped tensors are reported together in one ValueError.
+        Works on an FSDP2-sharded model too (built on meta, fully_shard-ed, to_empty-ed): each process then reads
+        from disk only the rows of its own shard (dim 0, as fully_shard splits it), and only its own experts.
+        """
+        from safetensors import safe_open
 
         # where each released tensor goes: hf name -> (our tensor, expert index or None)
-        ours = dict(model.state_dict(keep_vars=True))
-        targets = {}
-        for hf_name, t in model.hf_tensors():
-            stacked = ".experts." in hf_name and hf_name.rsplit(".", 3)[-3].isdigit()
-            if stacked:
-                prefix, e, proj, _ = hf_name.rsplit(".", 3)
-                targets[hf_name] = (ours[f"{prefix}.{proj}"], int(e))
-            else:
-                targets[hf_name] = (ours[hf_name], None)
+        ours = dict(self.state_dict(keep_vars=True))
+        targets = {hf_name: (ours[name], e) for hf_name, name, e in self.hf_layout(ours)}
 
         index_path = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index_path):
@@ -769,24 +782,29 @@ class Model(nn.Module):
             raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
         seen, unexpected, misshaped = set(), [], []
+        device = str(self.lm_head.weight.device)
         for shard in shards:
-            with safe_open(os.path.join(path, shard), framework="pt", device=str(device)) as f:
+            with safe_open(os.path.join(path, shard), framework="pt", device=device) as f:
                 for name in f.keys():
                     if name.startswith("mtp."):          # multi-token-prediction head: not used here
                         continue
                     seen.add(name)
+                    found = tuple(f.get_slice(name).get_shape())
                     if name not in targets:
-                        unexpected.append(f"{name} {tuple(f.get_slice(name).get_shape())} (in {shard})")
+                        unexpected.append(f"{name} {found} (in {shard})")
                         continue
-                    dest, e = targets[name]
-                    dest = dest.data if e is None else dest.data[e]
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if shape != tuple(dest.shape):
-                        misshaped.append(f"{name}: expected {tuple(dest.shape)}, found {shape} (in {shard})")
+                    param, e = targets[name]
+                    expected = tuple(param.shape if e is None else param.shape[1:])   # global shapes
+                    if found != expected:
+                        misshaped.append(f"{name}: expected {expected}, found {found} (in {shard})")
                         continue
-                    dest.copy_(f.get_tensor(name))
-        missing = [f"{n}: expected {tuple(targets[n][0].shape if targets[n][1] is None else targets[n][0].shape[1:])}"
-                   for n in targets if n not in seen]
+                    local, first_row = _local_rows(param)
+                    if e is None:
+                        local.copy_(f.get_slice(name)[first_row:first_row + local.shape[0]])
+                    elif first_row <= e < first_row + local.shape[0]:       # this process holds expert e
+                        local[e - first_row].copy_(f.get_tensor(name))
+        missing = [f"{n}: expected {tuple(p.shape if e is None else p.shape[1:])}"
+                   for n, (p, e) in targets.items() if n not in seen]
         if missing or unexpected or misshaped:
             report = [f"checkpoint {path} does not match its config.json:"]
             for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
@@ -794,7 +812,7 @@ class Model(nn.Module):
                     report.append(f"  {title} ({len(items)}):")
                     report += [f"    {s}" for s in items]
             raise ValueError("\n".join(report))
-        return model
+        return self
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30, state_dict=None, dtype=None):
         """
@@ -844,6 +862,18 @@ class Model(nn.Module):
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)
+
+
+def _local_rows(param):
+    """(this process's part of a tensor, the global index of its first row along dim 0). A plain tensor is all
+    of itself; an FSDP2 DTensor sharded on dim 0 over a 1-D mesh holds rows [r * ceil(n / W), ...) of rank r."""
+    from torch.distributed.tensor import DTensor, Shard
+    if not isinstance(param, DTensor):
+        return param.data, 0
+    if param.device_mesh.ndim != 1 or param.placements[0] != Shard(0):
+        raise ValueError(f"load_hf_weights supports 1-D meshes sharded on dim 0, got {param.placements}")
+    rank, world = param.device_mesh.get_local_rank(), param.device_mesh.size()
+    return param.to_local(), rank * math.ceil(param.shape[0] / world)
 
 
 def _chunk_logprobs(h, targets, lm_weight, temperature):

@@ -142,15 +142,29 @@ def batch_loss(model, ids, targets, doc_ids, device):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_model(path, device, seed):
-    if os.path.isdir(path):
-        return Model.from_pretrained(path, dtype=torch.float32, device=device)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--model {path}: no such checkpoint directory or config file")
-    torch.manual_seed(seed)
-    config = ModelConfig.from_json(path)
-    with torch.device(device):
-        return Model(config)
+def build_model(cfg, d):
+    """
+    The model to train, sharded over the processes (FSDP2; one process: the plain model). A checkpoint directory
+    is loaded straight into the shards: built on the meta device, sharded, allocated, then each process reads
+    only its own rows from the safetensors, so no process ever holds the whole model. A config.json starts from
+    scratch (the same seeded init on every process).
+    """
+    sharding = dict(bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
+    if os.path.isdir(cfg.model):
+        with torch.device("meta"):
+            model = Model(Model.config_from_pretrained(cfg.model))
+        model = common.shard_model(model, d, **sharding)
+        model.to_empty(device=d.device)                 # fp32 master weights
+        model.load_hf_weights(cfg.model)
+    elif os.path.exists(cfg.model):
+        torch.manual_seed(cfg.seed)
+        with torch.device(d.device):
+            model = Model(ModelConfig.from_json(cfg.model))
+        model = common.shard_model(model, d, **sharding)
+    else:
+        raise FileNotFoundError(f"--model {cfg.model}: no such checkpoint directory or config file")
+    model.config.moe_bias_update_rate = cfg.moe_bias_update_rate
+    return model
 
 
 def load_tokenizer_for(cfg):
@@ -186,12 +200,10 @@ def main(cfg: SFTConfig):
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * num_rows / cfg.global_batch)
 
     # model, sharding, optimizer
-    model = load_model(cfg.model, d.device, cfg.seed)
-    model.config.moe_bias_update_rate = cfg.moe_bias_update_rate
+    model = build_model(cfg, d)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")
-    model = common.shard_model(model, d, bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
     optimizer = common.make_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay)
     ckpt = common.Checkpointer(cfg.out_dir, d, keep_last=cfg.keep_last)
     start_step, latest = 0, ckpt.latest()

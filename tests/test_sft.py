@@ -12,7 +12,7 @@ import torch
 import common
 import sft
 import tasks
-from model import Model
+from model import Model, ModelConfig
 from tests.conftest import small_config
 from tokenizer import encode_chat, load_tokenizer
 
@@ -137,10 +137,18 @@ def test_run_learns_exports_and_export_gives_trainer_logits(run_dir, tok):
     assert load_tokenizer(export).encode("<|im_start|>user") == tok.encode("<|im_start|>user")
 
 
-def test_two_processes_give_the_losses_of_one(run_dir):
-    one = run_subprocess(run_dir, out="one", max_steps=3, save_every=0)
+@pytest.mark.parametrize("start", ["scratch", "checkpoint"])
+def test_two_processes_give_the_losses_of_one(run_dir, start):
+    """From a config (the same seeded init everywhere, then sharded) and from an HF checkpoint directory (loaded
+    straight into the shards, each process reading only its rows and experts)."""
+    model = run_dir / "model.json"
+    if start == "checkpoint":
+        model = run_dir / "hf"
+        torch.manual_seed(5)
+        Model(ModelConfig.from_json(run_dir / "model.json")).save_pretrained(model)
+    one = run_subprocess(run_dir, out="one", max_steps=3, save_every=0, model=model)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_subprocess(run_dir, nproc=2, out="two", max_steps=3, save_every=0, micro_batch=1)
+    two = run_subprocess(run_dir, nproc=2, out="two", max_steps=3, save_every=0, micro_batch=1, model=model)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(run_dir / "one"), losses(run_dir / "two")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
@@ -179,7 +187,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(run_dir):
 def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
     script = f"""
 import os, signal, torch, common
-from model import Model
+from model import Model, ModelConfig
 from tests.conftest import small_config
 d = common.Dist()
 torch.manual_seed(0)
