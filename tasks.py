@@ -40,6 +40,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -611,13 +612,32 @@ def _count_words(text: str) -> int:
     return len(re.findall(r"\w+", text))  # nltk's RegexpTokenizer(r"\w+"), as IFEval
 
 
+_langdetect_lock = threading.Lock()
+_langdetect_factory = None  # ours, seeded; set only once every language profile is loaded
+
+
 def _detect_language(text: str):
-    """ISO 639-1 code by langdetect (seeded), or None when it cannot tell (IFEval then counts the check as passed)."""
-    import langdetect
-    langdetect.DetectorFactory.seed = 0
+    """ISO 639-1 code by langdetect (seeded), or None when it cannot tell (IFEval then counts the check as passed).
+
+    Not langdetect.detect(): its lazy global set-up (init_factory) is not thread-safe. It publishes the factory
+    before loading the profiles, so a second thread (score_responses grades in a pool) can detect with some of the
+    55 languages loaded ('en' missing: "af", "pl"), or two threads load into one factory and corrupt it for the
+    rest of the process. Here the profiles load once, under a lock, into a factory of our own that is published
+    only when complete; after that detection only reads it (each Detector has its own seeded Random)."""
+    global _langdetect_factory
+    from langdetect import PROFILES_DIRECTORY, DetectorFactory, LangDetectException
+    if _langdetect_factory is None:
+        with _langdetect_lock:
+            if _langdetect_factory is None:
+                factory = DetectorFactory()
+                factory.load_profile(PROFILES_DIRECTORY)
+                factory.set_seed(0)
+                _langdetect_factory = factory
     try:
-        return langdetect.detect(text)
-    except langdetect.LangDetectException:
+        detector = _langdetect_factory.create()
+        detector.append(text)
+        return detector.detect()
+    except LangDetectException:
         return None
 
 

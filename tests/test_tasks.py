@@ -280,16 +280,35 @@ def test_shipped_splits_load_cover_every_domain_and_are_disjoint(shipped):
     assert size < 5e6
 
 
-def test_shipped_sft_answers_are_thinking_mode_and_score_1(shipped):
+def test_shipped_sft_answers_are_thinking_mode_and_score_1(shipped, monkeypatch):
     rng = random.Random(0)
     by_domain = {d: [e for e in shipped["sft"] if e["domain"] == d] for d in tasks.GRADED_DOMAINS}
     sample = [e for d, es in by_domain.items() for e in rng.sample(es, 5 if d == "code" else 40)]
     for example in sample:
         answer = example["messages"][-1]["content"]
         assert answer.startswith("<think>\n") and "\n</think>\n" in answer
+    # record what the sandbox and the language detector said during the grading, so that a failure (these
+    # graders run in score_responses' thread pool) says which example failed and why, not only that one did
+    runs, languages = [], []
+    run_program, detect_language = tasks.run_program, tasks._detect_language
+    monkeypatch.setattr(tasks, "run_program", lambda *a, **k: runs.append((a[:2], run_program(*a, **k))) or runs[-1][1])
+    monkeypatch.setattr(tasks, "_detect_language",
+                        lambda text: languages.append((text, detect_language(text))) or languages[-1][1])
     scores = tasks.score_responses([dict(e, messages=tasks.prompt_messages(e)) for e in sample],
                                    [e["messages"][-1]["content"] for e in sample])
-    assert scores["all"]["pass@1"] == 1.0
+    failed = []
+    for example, (score,) in zip(sample, scores["rewards"]):
+        if score != 1.0:
+            answer = tasks.final_answer(example["messages"][-1]["content"])
+            why = {"domain": example["domain"], "score": score, "answer": answer,
+                   "example": {k: v for k, v in example.items() if k != "messages"}}
+            if example["domain"] == "code":
+                program = tasks.extract_code(answer)
+                why["runs"] = [(stdin, result) for (source, stdin), result in list(runs) if source == program]
+            if example["domain"] == "if":
+                why["langdetect"] = [language for text, language in list(languages) if text == answer]
+            failed.append(why)
+    assert not failed and scores["all"]["pass@1"] == 1.0, "\n".join(map(repr, failed))
 
 
 def test_shipped_examples_fit_the_tiny_context(shipped):

@@ -1,6 +1,8 @@
 """Instruction following: every instruction id passes and fails where IFEval / IFEvalG say, relations at their
 boundary, unknown ids and missing kwargs raise, strict / loose and binary / fraction modes."""
 
+import threading
+
 import pytest
 
 import tasks
@@ -163,6 +165,27 @@ def test_binary_by_default_fraction_as_an_option():
     assert tasks.if_reward(ids, [{}, {}, {}], answer, fraction=True) == pytest.approx(1 / 3)
     example = {"domain": "if", "messages": [], "instruction_id_list": ids, "kwargs": [{}, {}, {}]}
     assert tasks.reward(example, answer, if_fraction=True) == pytest.approx(1 / 3)
+
+
+def test_language_detection_is_thread_safe_from_a_cold_start(monkeypatch):
+    """score_responses grades in a thread pool, so the first detections of a process can run at once. langdetect's
+    own lazy set-up is not thread-safe (a thread could detect with half the language profiles loaded and call
+    plain English "af" or "pl"): every thread must get the single-threaded answer."""
+    texts = ["the dog runs in the park every morning with its owner.",
+             "dogs feels calm and quiet, and it can teach us something new.",
+             "A FULL MOON FEELS CALM AND QUIET. IT IS QUIET AND NICE."]
+    monkeypatch.setattr(tasks, "_langdetect_factory", None)  # as in a fresh process: profiles not loaded yet
+    start, detected = threading.Barrier(8), []
+
+    def detect():
+        start.wait()
+        detected.append([tasks._detect_language(t) for t in texts])
+    threads = [threading.Thread(target=detect) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert detected == [["en", "en", "en"]] * 8
 
 
 def test_sentence_splitter_and_word_tokenizer():
