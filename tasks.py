@@ -1521,13 +1521,15 @@ def score_responses(examples, responses_per_example, *, workers=None, **reward_o
 
 
 def format_score_table(scores: dict) -> str:
-    """The summary of score_responses as a fixed-width table, one row per domain and one for all."""
+    """The summary of score_responses as a fixed-width table, one row per domain and one for all (the avg@k and
+    pass@k columns only when there are k > 1 samples per example: with one they equal pass@1)."""
     k = scores["k"]
-    header = f"{'domain':<8} {'examples':>8} {'samples':>8} {'pass@1':>8} {f'avg@{k}':>8} {f'pass@{k}':>8}"
+    columns = [("pass@1", "pass@1")] + ([(f"avg@{k}", "avg@k"), (f"pass@{k}", "pass@k")] if k > 1 else [])
+    header = f"{'domain':<8} {'examples':>8} {'samples':>8} " + " ".join(f"{title:>8}" for title, _ in columns)
     rows = [header, "-" * len(header)]
     for name, s in list(scores["domains"].items()) + [("all", scores["all"])]:
-        rows.append(f"{name:<8} {s['examples']:>8} {s['samples']:>8} "
-                    f"{s['pass@1']:>8.4f} {s['avg@k']:>8.4f} {s['pass@k']:>8.4f}")
+        rows.append(f"{name:<8} {s['examples']:>8} {s['samples']:>8} " +
+                    " ".join(f"{s[key]:>8.4f}" for _, key in columns))
     return "\n".join(rows)
 
 

@@ -119,6 +119,8 @@ def test_score_responses_per_domain():
     assert scores["all"]["pass@k"] == pytest.approx(2 / 3)
     table = tasks.format_score_table(scores)
     assert "avg@2" in table and table.splitlines()[-1].startswith("all")
+    single = tasks.format_score_table(tasks.score_responses(examples, [rs[0] for rs in responses]))
+    assert single.splitlines()[0].split() == ["domain", "examples", "samples", "pass@1"]   # no repeated columns
     with pytest.raises(ValueError, match="3 examples but 2"):
         tasks.score_responses(examples, responses[:2])
 
