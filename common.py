@@ -178,12 +178,12 @@ def shard_model(model, d: Dist, bf16: bool = False, activation_checkpointing: bo
     """
     FSDP2: fully_shard each layer, then the root (embeddings, final norm, lm_head). With bf16, parameters are
     gathered in bf16 for compute while the fp32 master shards take the optimizer step, and gradients are
-    reduced in fp32. One process: no sharding, the same model object.
+    reduced in fp32. A plain `python stage.py` (no process group): no sharding, the same model object.
     """
     model.gradient_checkpointing = activation_checkpointing
-    if d.world_size == 1:
+    if not dist.is_initialized():
         if bf16:
-            raise ValueError("--bf16 needs FSDP's mixed precision: run under torchrun (or keep fp32 on 1 process)")
+            raise ValueError("--bf16 needs FSDP's mixed precision: launch with torchrun (--nproc_per_node=1 is fine)")
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -198,7 +198,7 @@ def shard_model(model, d: Dist, bf16: bool = False, activation_checkpointing: bo
 
 def full_state_dict(model, d: Dist):
     """The whole model's tensors on CPU, on rank 0 (other ranks get {}); works sharded and unsharded."""
-    if d.world_size == 1:
+    if not dist.is_initialized():
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

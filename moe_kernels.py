@@ -138,10 +138,11 @@ def align_tokens_torch(topk_ids, num_experts, block_m):
 
 
 def _use_grouped_mm(x):
-    # torch._grouped_mm is fast for fp32 on CPU and bf16 on CUDA (Hopper); elsewhere the loop is the safe path.
+    # torch._grouped_mm is fast for fp32 on CPU and bf16 on CUDA Hopper+; elsewhere the loop is the safe path.
     if not hasattr(torch, "_grouped_mm"):
         return False
-    return (x.device.type == "cpu" and x.dtype == torch.float32) or (x.is_cuda and x.dtype == torch.bfloat16)
+    return (x.device.type == "cpu" and x.dtype == torch.float32) or \
+        (x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
 def grouped_matmul_torch(x, w, counts):
