@@ -266,3 +266,11 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     assert common.lr_at(0, 2e-6, 30, 50, "constant", warmup_start_lr=2e-7) == pytest.approx(2e-7 + 1.8e-6 / 30)
     assert common.lr_at(40, 2e-6, 30, 50, "constant") == 2e-6
+
+
+def test_activation_checkpointing_gives_the_same_losses(run_dir):
+    run_inprocess(run_dir, out="plain", max_steps=3, save_every=0)
+    run_inprocess(run_dir, out="recompute", max_steps=3, save_every=0, activation_checkpointing=True)
+    a, b = losses(run_dir / "plain"), losses(run_dir / "recompute")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-6, atol=1e-6)
