@@ -4,7 +4,6 @@ schedule, checkpoints that survive any crash, and logging. Kept small and plain:
 tiny class a stage script calls in its recipe.
 """
 import argparse
-import dataclasses
 import inspect
 import json
 import math
@@ -115,8 +114,8 @@ def parse_config(cls, argv=None, description=None):
                 raise ValueError(f"--config {args.config}: no such file") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"--config {args.config}: not valid JSON ({e})") from None
-            values.update(dataclasses.asdict(config_from_dict(cls, preset, source=args.config)))
-            values = {k: v for k, v in values.items() if k in preset}
+            checked = config_from_dict(cls, preset, source=args.config)      # names and types, with the file named
+            values = {k: getattr(checked, k) for k in preset}
         values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
         return config_from_dict(cls, values, source="command line")
     except ValueError as e:

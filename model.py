@@ -768,9 +768,10 @@ class Model(nn.Module):
         """
         from safetensors import safe_open
 
-        # where each released tensor goes: hf name -> (our tensor, expert index or None)
         ours = dict(self.state_dict(keep_vars=True))
-        targets = {hf_name: (ours[name], e) for hf_name, name, e in self.hf_layout(ours)}
+        # hf name -> (our tensor, expert index or None, the released tensor's global shape)
+        targets = {hf_name: (ours[name], e, tuple(ours[name].shape[1:] if e is not None else ours[name].shape))
+                   for hf_name, name, e in self.hf_layout(ours)}
 
         index_path = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index_path):
@@ -793,8 +794,7 @@ class Model(nn.Module):
                     if name not in targets:
                         unexpected.append(f"{name} {found} (in {shard})")
                         continue
-                    param, e = targets[name]
-                    expected = tuple(param.shape if e is None else param.shape[1:])   # global shapes
+                    param, e, expected = targets[name]
                     if found != expected:
                         misshaped.append(f"{name}: expected {expected}, found {found} (in {shard})")
                         continue
@@ -803,8 +803,7 @@ class Model(nn.Module):
                         local.copy_(f.get_slice(name)[first_row:first_row + local.shape[0]])
                     elif first_row <= e < first_row + local.shape[0]:       # this process holds expert e
                         local[e - first_row].copy_(f.get_tensor(name))
-        missing = [f"{n}: expected {tuple(p.shape if e is None else p.shape[1:])}"
-                   for n, (p, e) in targets.items() if n not in seen]
+        missing = [f"{n}: expected {expected}" for n, (_, _, expected) in targets.items() if n not in seen]
         if missing or unexpected or misshaped:
             report = [f"checkpoint {path} does not match its config.json:"]
             for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):

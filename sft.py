@@ -13,6 +13,7 @@ few minutes; `configs/sft_nano_30b.json` holds the paper's settings for the real
 A run writes to out_dir: metrics.jsonl, curves.png, checkpoints/ (sharded, resumable: rerun the same command
 and it continues from the latest complete checkpoint), export/ (HF format + tokenizer) and eval.json.
 """
+import collections
 import math
 import os
 import signal
@@ -26,7 +27,7 @@ from tqdm import tqdm
 import common
 import tasks
 from model import Model, ModelConfig
-from tokenizer import Tokenizer, encode_chat
+from tokenizer import encode_chat, load_tokenizer
 
 
 @dataclass
@@ -91,14 +92,15 @@ def pack(docs, seq_len, pad_id):
       ids, targets (the next token where it is an assistant token of the same document, else -100), doc_ids
     (each document its own id; padding gets -1 and a target of -100). Documents longer than seq_len are cut.
     """
-    rows, cur, truncated = [], [], 0
+    rows, cur, cur_len, truncated = [], [], 0, 0
     for ids, mask in docs:
         if len(ids) > seq_len:
             ids, mask, truncated = ids[:seq_len], mask[:seq_len], truncated + 1
-        if sum(len(d[0]) for d in cur) + len(ids) > seq_len:
+        if cur_len + len(ids) > seq_len:
             rows.append(cur)
-            cur = []
+            cur, cur_len = [], 0
         cur.append((ids, mask))
+        cur_len += len(ids)
     if cur:
         rows.append(cur)
     if truncated:
@@ -171,7 +173,7 @@ def load_tokenizer_for(cfg):
     path = cfg.tokenizer or cfg.model
     if not os.path.exists(path):
         raise FileNotFoundError(f"--tokenizer {path}: no such file or directory")
-    return Tokenizer.from_pretrained(path) if os.path.isdir(path) else Tokenizer.from_file(path)
+    return load_tokenizer(path)
 
 
 def main(cfg: SFTConfig):
@@ -299,12 +301,15 @@ def score_export(export_dir, eval_data, per_domain, max_new_tokens, thinking, ou
 
     import sample
     model = Model.from_pretrained(export_dir, dtype=torch.float32, device=device).eval()
-    tok = Tokenizer.from_pretrained(export_dir)
+    tok = load_tokenizer(export_dir)
     examples = tasks.load_examples(eval_data, verbose=False)
-    if per_domain:
-        seen = {}
-        examples = [ex for ex in examples if seen.setdefault(ex["domain"], []).append(1) or
-                    len(seen[ex["domain"]]) <= per_domain]
+    if per_domain:                                           # the first per_domain examples of each domain
+        taken, kept = collections.Counter(), []
+        for ex in examples:
+            taken[ex["domain"]] += 1
+            if taken[ex["domain"]] <= per_domain:
+                kept.append(ex)
+        examples = kept
     scores = sample.evaluate(model, tok, examples, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
                              thinking=thinking, seed=seed)
     print(tasks.format_score_table(scores))
