@@ -29,7 +29,7 @@ def reference_answers(split="sft"):
 def bench_sandbox(pairs, repeats):
     examples, responses = zip(*pairs)
     runs = sum(len(e["tests"]) for e in examples)
-    print(f"sandbox: {len(examples)} programs, {runs} runs (layers: {tasks._probe_features()})")
+    print(f"sandbox: {len(examples)} programs, {runs} runs (layers: {tasks.sandbox._probe_features()})")
     for workers in (1, os.cpu_count() or 1):
         times = []
         for _ in range(repeats):

@@ -157,21 +157,21 @@ def make_if(rng):
             ids.append("keywords:existence"); kwargs.append({"keywords": [word]})
             asks.append(f"Include the keyword {word} in the response."); notes.append(f"use the word {word}")
         elif c == "words_at_least":
-            count = tasks._count_words(text)
+            count = tasks.ifeval._count_words(text)
             target = count + rng.randint(3, 9)
             extras = rng.sample(EXTRA_SENTENCES, len(EXTRA_SENTENCES))
-            while tasks._count_words(text) < target:
+            while tasks.ifeval._count_words(text) < target:
                 text += " " + extras.pop()
             ids.append("length_constraints:number_words"); kwargs.append({"num_words": target, "relation": "at least"})
             asks.append(f"Answer with at least {target} words."); notes.append(f"at least {target} words")
         elif c == "words_less_than":
-            target = tasks._count_words(text) + rng.randint(1, 4)
+            target = tasks.ifeval._count_words(text) + rng.randint(1, 4)
             ids.append("length_constraints:number_words"); kwargs.append({"num_words": target, "relation": "less than"})
             asks.append(f"Answer with less than {target} words."); notes.append(f"fewer than {target} words")
         elif c == "sentences":
             target = rng.choice([2, 3])
             extras = rng.sample(EXTRA_SENTENCES, len(EXTRA_SENTENCES))
-            while tasks._count_sentences(text) < target:
+            while tasks.ifeval._count_sentences(text) < target:
                 text += " " + extras.pop()
             ids.append("length_constraints:number_sentences"); kwargs.append({"num_sentences": target, "relation": "at least"})
             asks.append(f"Your response should contain at least {target} sentences."); notes.append(f"{target} sentences or more")

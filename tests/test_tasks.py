@@ -1,4 +1,4 @@
-"""tasks.py: loaders (every released format, hand-written fixtures), the final answer, math / mcqa / json verifiers,
+"""tasks/: loaders (every released format, hand-written fixtures), the final answer, math / mcqa / json verifiers,
 scoring, and the shipped tiny data."""
 
 import json
@@ -292,9 +292,9 @@ def test_shipped_sft_answers_are_thinking_mode_and_score_1(shipped, monkeypatch)
     # record what the sandbox and the language detector said during the grading, so that a failure (these
     # graders run in score_responses' thread pool) says which example failed and why, not only that one did
     runs, languages = [], []
-    run_program, detect_language = tasks.run_program, tasks._detect_language
-    monkeypatch.setattr(tasks, "run_program", lambda *a, **k: runs.append((a[:2], run_program(*a, **k))) or runs[-1][1])
-    monkeypatch.setattr(tasks, "_detect_language",
+    run_program, detect_language = tasks.run_program, tasks.ifeval._detect_language
+    monkeypatch.setattr(tasks.code, "run_program", lambda *a, **k: runs.append((a[:2], run_program(*a, **k))) or runs[-1][1])
+    monkeypatch.setattr(tasks.ifeval, "_detect_language",
                         lambda text: languages.append((text, detect_language(text))) or languages[-1][1])
     scores = tasks.score_responses([dict(e, messages=tasks.prompt_messages(e)) for e in sample],
                                    [e["messages"][-1]["content"] for e in sample])

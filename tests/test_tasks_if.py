@@ -174,12 +174,12 @@ def test_language_detection_is_thread_safe_from_a_cold_start(monkeypatch):
     texts = ["the dog runs in the park every morning with its owner.",
              "dogs feels calm and quiet, and it can teach us something new.",
              "A FULL MOON FEELS CALM AND QUIET. IT IS QUIET AND NICE."]
-    monkeypatch.setattr(tasks, "_langdetect_factory", None)  # as in a fresh process: profiles not loaded yet
+    monkeypatch.setattr(tasks.ifeval, "_langdetect_factory", None)  # as in a fresh process: profiles not loaded yet
     start, detected = threading.Barrier(8), []
 
     def detect():
         start.wait()
-        detected.append([tasks._detect_language(t) for t in texts])
+        detected.append([tasks.ifeval._detect_language(t) for t in texts])
     threads = [threading.Thread(target=detect) for _ in range(8)]
     for t in threads:
         t.start()
@@ -189,12 +189,12 @@ def test_language_detection_is_thread_safe_from_a_cold_start(monkeypatch):
 
 
 def test_sentence_splitter_and_word_tokenizer():
-    assert tasks._split_sentences("Dr. Who is here. It is 3.5 m long! Is it?") == [
+    assert tasks.ifeval._split_sentences("Dr. Who is here. It is 3.5 m long! Is it?") == [
         "Dr. Who is here.", "It is 3.5 m long!", "Is it?"]
-    assert tasks._split_sentences("Wait... what? Yes.") == ["Wait...", "what?", "Yes."]
-    assert tasks._word_tokenize("Don't stop, OK? It's well-known.") == [
+    assert tasks.ifeval._split_sentences("Wait... what? Yes.") == ["Wait...", "what?", "Yes."]
+    assert tasks.ifeval._word_tokenize("Don't stop, OK? It's well-known.") == [
         "Do", "n't", "stop", ",", "OK", "?", "It", "'s", "well-known", "."]
-    assert tasks._count_words("well-known, isn't it") == 5  # \w+ tokens, as IFEval
+    assert tasks.ifeval._count_words("well-known, isn't it") == 5  # \w+ tokens, as IFEval
 
 
 def test_keywords_are_regexes_as_in_ifeval_but_bad_ones_match_literally():

@@ -40,9 +40,9 @@ def sandbox_dirs():
 
 
 def live_sandbox_processes():
-    return {uid: tasks._pids_of_uid(uid, live_only=True)
-            for uid in range(tasks._UID_BASE, tasks._UID_BASE + tasks._UID_SLOTS)
-            if tasks._pids_of_uid(uid, live_only=True)}
+    return {uid: tasks.sandbox._pids_of_uid(uid, live_only=True)
+            for uid in range(tasks.sandbox._UID_BASE, tasks.sandbox._UID_BASE + tasks.sandbox._UID_SLOTS)
+            if tasks.sandbox._pids_of_uid(uid, live_only=True)}
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def open_dir():
     subprocess.run(["rm", "-rf", path])
 
 
-@pytest.mark.skipif(not tasks._probe_features()["landlock_abi"], reason="needs Landlock")
+@pytest.mark.skipif(not tasks.sandbox._probe_features()["landlock_abi"], reason="needs Landlock")
 def test_writing_outside_the_temp_dir_is_denied(clean_machine, open_dir):
     target = os.path.join(open_dir, "planted.txt")
     program = f"open({target!r}, 'w').write('x')\n" + SUM
@@ -157,7 +157,7 @@ def test_writing_outside_the_temp_dir_is_denied(clean_machine, open_dir):
     assert not os.path.exists(target)
 
 
-@pytest.mark.skipif(not tasks._probe_features()["landlock_abi"], reason="needs Landlock")
+@pytest.mark.skipif(not tasks.sandbox._probe_features()["landlock_abi"], reason="needs Landlock")
 def test_reading_files_outside_is_denied(clean_machine, open_dir):
     leaked = os.path.join(open_dir, "expected.txt")
     with open(leaked, "w") as f:
@@ -209,14 +209,14 @@ def test_the_network_is_cut(clean_machine, answer_server):
            f"addr = struct.pack('!HH4s8x', 2, {answer_server}, bytes([127, 0, 0, 1]))\n"
            "addr = struct.pack('=H', 2) + addr[2:]\n"
            "print('connected' if libc.connect(fd, addr, 16) == 0 else 'refused')")
-    if tasks._probe_features()["network_namespace"] or tasks._probe_features()["landlock_abi"] >= 4:
+    if tasks.sandbox._probe_features()["network_namespace"] or tasks.sandbox._probe_features()["landlock_abi"] >= 4:
         assert tasks.run_program(raw, "", LIMITS).stdout.strip() == "refused"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the per-run uid needs root")
 def test_the_program_runs_as_a_throwaway_uid_and_cannot_signal_the_parent(clean_machine):
     uid = int(tasks.run_program("import os\nprint(os.getuid())", "", LIMITS).stdout)
-    assert tasks._UID_BASE <= uid < tasks._UID_BASE + tasks._UID_SLOTS
+    assert tasks.sandbox._UID_BASE <= uid < tasks.sandbox._UID_BASE + tasks.sandbox._UID_SLOTS
     result = tasks.run_program("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)", "", LIMITS)
     assert result.status == "exit" and "PermissionError" in result.stderr
 
