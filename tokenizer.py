@@ -176,61 +176,60 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 2048) -> Tokenizer:
 # -----------------------------------------------------------------------------
 # The chat template
 #
-# Follows the chat_template of NVIDIA-Nemotron-3-Nano-30B-A3B. Nemotron-Cascade-2-30B-A3B is post-trained from the
-# Nano base and uses the same format (ChatML, <think>, XML tool calls; DESIGN.md section 6); we could not read
-# its own template, so the details below are the Nano template's. Messages are dicts with a "role" (system, user,
-# assistant, tool) and "content"; an assistant message may carry its thinking as "reasoning_content" or inline as
-# "<think>...</think>answer" (the Cascade-2 SFT data), and "tool_calls" as [{"name", "arguments": {...}}] or in the
-# OpenAI form [{"type": "function", "function": {"name", "arguments"}}] (arguments a dict or a JSON string).
-#
-# Where we differ from the real template, on purpose:
-# - The tool-use instructions after </tools> are one short paragraph; the real one is a longer reminder of the
-#   format and its rules. (The tiny model pays for every token of it in every tool example.)
-# - An earlier assistant turn whose thinking is dropped renders as <think></think>{answer}. The real template
-#   gives <think></think>\n{answer} when that turn had thinking and <think></think>{answer} when it had none.
-# - thinking=False also drops the thinking of the current turn (the real template's enable_thinking only
-#   changes the generation prompt), so that a non-thinking SFT example never shows a thought.
-# - A tool message at the very start of a conversation still opens a user turn (the real template forgets to).
-# - Thinking and answer are stripped of surrounding whitespace one by one, not just the whole turn.
+# The chat_template of NVIDIA-Nemotron-3-Nano-30B-A3B, byte for byte (tests/test_tokenizer.py keeps its renderings
+# of a spread of conversations, made with jinja2 as transformers' apply_chat_template renders it, and compares).
+# Nemotron-Cascade-2-30B-A3B is post-trained from the Nano base and uses the same format (ChatML, <think>, XML tool
+# calls; DESIGN.md section 6). A model trained here and served by vLLM or transformers with the official template
+# sees the prompts it was trained on. Messages are dicts with a "role" (system, user, assistant, tool) and
+# "content"; an assistant message may carry its thinking as "reasoning_content" or inline as
+# "<think>...</think>answer" (the Cascade-2 SFT data), and "tool_calls" as [{"name", "arguments": {...}}] or in
+# the OpenAI form [{"type": "function", "function": {"name", "arguments"}}]. What the official template does:
+# - An assistant turn is rendered as written (content stripped at both ends), with <think></think> in front when
+#   it has no thinking. Assistant turns before the last user message keep only the text after their </think>,
+#   as <think></think> + that text (so usually "<think></think>\nanswer"). Tool results are not user messages,
+#   so within one agentic exchange (call, result, call, ...) every step keeps its thinking.
+# - `thinking` (enable_thinking) only changes the generation prompt: <think>\n, or <think></think> without.
+# - Consecutive tool results share one user turn.
+# Where we differ, on purpose:
+# - A tool message at the very start (after any system message) opens a user turn; the official template opens
+#   none there (it tests `loop.previtem`, which is undefined for the first message), which is a bug.
+# - Tool call arguments given as a JSON string (as the OpenAI API sends them) are parsed; the official template
+#   needs a dict (it fails on a string).
 #
 # Which assistant turns are trained: all of them, as rendered (SFT data is mostly single-turn, and this is the
-# usual choice, as with the {% generation %} markers of HF assistant masks). An earlier turn is trained on its
-# final answer after an empty <think></think>, i.e. as a non-thinking answer, which is what the model sees in
-# that position at inference. Only the text after the opener is trained: the model never writes
-# `<|im_start|>assistant\n`, nor the `<think>\n` / `<think></think>` the template supplies, but it must learn to
-# write `<|im_end|>` to stop.
-#
-# Earlier turns: only assistant turns before the last *user* message lose their thinking. Tool results are not
-# user messages, so within one agentic exchange (call, result, call, ...) every step keeps its thinking, as in
-# the real template.
+# usual choice, as with the {% generation %} markers of HF assistant masks). Only the text after the opener is
+# trained: the model never writes `<|im_start|>assistant\n`, nor the `<think>\n` / `<think></think>` at the start
+# of the turn, which the generation prompt supplies, but it must learn to write `<|im_end|>` to stop. An earlier
+# turn stripped of its thinking is so trained as a non-thinking answer, which is what the model sees there.
 
-
-def _split_thinking(message: dict) -> tuple[str | None, str]:
-    """An assistant message -> (thinking or None, final answer), both stripped."""
-    content = message.get("content") or ""
-    reasoning = message.get("reasoning_content")
-    if isinstance(reasoning, str) and reasoning.strip():
-        return reasoning.strip(), content.strip()
-    if THINK_CLOSE in content:  # inline: "<think>\n...\n</think>\nanswer"
-        thought, _, answer = content.rpartition(THINK_CLOSE)
-        thought = thought.split(THINK_OPEN, 1)[-1].strip()
-        return thought or None, answer.strip()
-    if THINK_OPEN in content:
-        raise ValueError(f"assistant message opens {THINK_OPEN} but never closes it: {content[:200]!r}")
-    return None, content.strip()
+# The official template's text after </tools>, verbatim.
+TOOLS_REMINDER = (
+    "\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n"
+    f"{TOOL_CALL_OPEN}\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n"
+    "<parameter=example_parameter_2>\nThis is the value for the second parameter\nthat can span\nmultiple lines\n"
+    f"</parameter>\n</function>\n{TOOL_CALL_CLOSE}\n\n<IMPORTANT>\nReminder:\n"
+    f"- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested "
+    f"within {TOOL_CALL_OPEN}{TOOL_CALL_CLOSE} XML tags\n"
+    "- Required parameters MUST be specified\n"
+    "- You may provide optional reasoning for your function call in natural language BEFORE the function call, "
+    "but NOT after\n"
+    "- If there is no function call available, answer the question like normal with your current knowledge and do "
+    "not tell the user about function calls\n</IMPORTANT>")
 
 
 def _to_text(value) -> str:
-    # How the real template prints a value: JSON for objects and lists, Python's str() for the rest
-    # (so True prints as "True", as Jinja's `| string` does).
-    if isinstance(value, (dict, list)):
+    # How the template prints a value: JSON for objects and lists (its tojson: no key sorting, no ASCII escaping),
+    # Python's str() for the rest (Jinja's `| string`: True prints as "True", None as "None").
+    if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, ensure_ascii=False)
     return str(value)
 
 
 def _render_tools(tools: list[dict]) -> str:
-    """The tool list for the system prompt, in Nemotron 3's XML layout."""
-    def extra_keys(fields: dict, handled: tuple) -> str:
+    """The tool list for the system prompt, in Nemotron 3's XML layout, and the reminder after it."""
+    def extra_keys(fields, handled: tuple) -> str:
+        if not isinstance(fields, dict):
+            return ""
         return "".join(f"\n<{k}>{_to_text(v)}</{k}>" for k, v in fields.items() if k not in handled)
 
     text = f"# Tools\n\nYou have access to the following functions:\n\n{TOOLS_OPEN}"
@@ -238,30 +237,27 @@ def _render_tools(tools: list[dict]) -> str:
         fn = tool.get("function", tool)  # OpenAI form {"type": "function", "function": {...}} or the bare function
         text += f"\n<function>\n<name>{fn['name']}</name>"
         if "description" in fn:
-            text += f"\n<description>{fn['description'].strip()}</description>"
+            text += f"\n<description>{str(fn['description']).strip()}</description>"
         text += "\n<parameters>"
-        parameters = fn.get("parameters") or {}
-        for name, fields in (parameters.get("properties") or {}).items():
+        parameters = fn.get("parameters")
+        properties = parameters.get("properties") if isinstance(parameters, dict) else None
+        for name, fields in (properties.items() if isinstance(properties, dict) else []):
             text += f"\n<parameter>\n<name>{name}</name>"
             if "type" in fields:
                 text += f"\n<type>{fields['type']}</type>"
             if "description" in fields:
-                text += f"\n<description>{fields['description'].strip()}</description>"
+                text += f"\n<description>{str(fields['description']).strip()}</description>"
             if "enum" in fields:
                 text += f"\n<enum>{json.dumps(fields['enum'], ensure_ascii=False)}</enum>"
             text += extra_keys(fields, ("name", "type", "description", "enum"))
             text += "\n</parameter>"
         text += extra_keys(parameters, ("type", "properties", "required"))
-        if "required" in parameters:
+        if isinstance(parameters, dict) and "required" in parameters:
             text += f"\n<required>{json.dumps(parameters['required'], ensure_ascii=False)}</required>"
         text += "\n</parameters>"
         text += extra_keys(fn, ("type", "name", "description", "parameters"))
         text += "\n</function>"
-    text += f"\n{TOOLS_CLOSE}"
-    # Ours, shorter than the real template's reminder (see the notes above).
-    text += (f"\n\nTo call a function, reply with:\n{TOOL_CALL_OPEN}\n<function=NAME>\n<parameter=PARAM>\nVALUE\n"
-             f"</parameter>\n</function>\n{TOOL_CALL_CLOSE}")
-    return text
+    return text + f"\n{TOOLS_CLOSE}" + TOOLS_REMINDER
 
 
 def _render_tool_call(call: dict) -> str:
@@ -275,6 +271,34 @@ def _render_tool_call(call: dict) -> str:
     return text + f"</function>\n{TOOL_CALL_CLOSE}\n"
 
 
+def _assistant_text(message: dict, earlier: bool) -> str:
+    """An assistant turn's text between `<|im_start|>assistant\\n` and `<|im_end|>`, as the template writes it.
+    `earlier`: the turn comes before the last user message, and keeps only what follows its thinking."""
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning_content")
+    if isinstance(reasoning, str) and reasoning.strip():
+        content = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n{content}"
+    elif isinstance(content, str) and THINK_OPEN not in content and THINK_CLOSE not in content:
+        content = f"{THINK_OPEN}{THINK_CLOSE}{content}"
+    calls = message.get("tool_calls") or []
+    if not calls:
+        content = str(content)
+        if earlier and THINK_OPEN in content and THINK_CLOSE in content:
+            content = THINK_OPEN + THINK_CLOSE + content.split(THINK_CLOSE)[-1]
+        return content.strip()
+    if not isinstance(content, str) or not content.strip():
+        text = THINK_OPEN + THINK_CLOSE
+    elif not earlier:
+        text = content.strip() + "\n"
+    else:  # the text after the last </think>; or, for a thought that never closes, the text before it
+        if THINK_CLOSE in content:
+            content = content.split(THINK_CLOSE)[-1]
+        elif THINK_OPEN in content:
+            content = content.split(THINK_OPEN)[0]
+        text = THINK_OPEN + THINK_CLOSE + content.strip() + "\n"
+    return text + "".join(_render_tool_call(call) for call in calls)
+
+
 def _chat_segments(messages, tools=None, thinking=True, add_generation_prompt=False) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, trained) pieces, the one source of both render_chat and encode_chat."""
     segments = []
@@ -284,40 +308,33 @@ def _chat_segments(messages, tools=None, thinking=True, add_generation_prompt=Fa
     messages = list(messages)
     system = ""
     if messages and messages[0]["role"] == "system":
-        system, messages = messages[0].get("content") or "", messages[1:]
+        system, messages = messages[0]["content"], messages[1:]
     if tools:
         system += ("\n\n" if system else "") + _render_tools(tools)
-    prompt(f"{IM_START}system\n{system}{IM_END}\n")  # always there, even when empty, as in the real template
+    prompt(f"{IM_START}system\n{system}{IM_END}\n")  # always there, even when empty
 
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     for i, message in enumerate(messages):
         role = message["role"]
         if role == "assistant":
-            thought, answer = _split_thinking(message)
-            if i < last_user or not thinking:
-                thought = None  # earlier turns keep only their final answer
-            if thought:
-                opener, body = f"{THINK_OPEN}\n", f"{thought}\n{THINK_CLOSE}\n{answer}".rstrip()
-            else:
-                opener, body = f"{THINK_OPEN}{THINK_CLOSE}", answer
-            calls = message.get("tool_calls") or []
-            if calls:
-                body += "\n" + "".join(_render_tool_call(call) for call in calls)
+            text = _assistant_text(message, earlier=i < last_user)
+            # the opener the generation prompt supplies is not trained; the rest of the turn is
+            openers = (f"{THINK_OPEN}\n", THINK_OPEN + THINK_CLOSE, THINK_OPEN)
+            opener = next((o for o in openers if text.startswith(o)), "")
             prompt(f"{IM_START}assistant\n{opener}")
-            target(f"{body}{IM_END}")
+            target(f"{text[len(opener):]}{IM_END}")
             prompt("\n")
         elif role == "tool":
-            # consecutive tool results share one user turn
-            if i == 0 or messages[i - 1]["role"] != "tool":
+            if i == 0 or messages[i - 1]["role"] != "tool":  # consecutive tool results share one user turn
                 prompt(f"{IM_START}user\n")
-            prompt(f"{TOOL_RESPONSE_OPEN}\n{message.get('content') or ''}\n{TOOL_RESPONSE_CLOSE}\n")
+            prompt(f"{TOOL_RESPONSE_OPEN}\n{message['content']}\n{TOOL_RESPONSE_CLOSE}\n")
             if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
                 prompt(f"{IM_END}\n")
         else:  # user, a later system message, or any other role
-            prompt(f"{IM_START}{role}\n{message.get('content') or ''}{IM_END}\n")
+            prompt(f"{IM_START}{role}\n{message['content']}{IM_END}\n")
 
     if add_generation_prompt:
-        prompt(f"{IM_START}assistant\n" + (f"{THINK_OPEN}\n" if thinking else f"{THINK_OPEN}{THINK_CLOSE}"))
+        prompt(f"{IM_START}assistant\n" + (f"{THINK_OPEN}\n" if thinking else THINK_OPEN + THINK_CLOSE))
     return segments
 
 

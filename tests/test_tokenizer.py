@@ -110,103 +110,243 @@ def test_shipped_tokenizer():
 
 
 # -----------------------------------------------------------------------------
-# The chat template: exact renderings
+# The chat template: byte for byte the official one
+#
+# OFFICIAL_RENDERINGS holds the official Nemotron 3 Nano chat template's renderings of OFFICIAL_CASES, made once
+# (the template is not read at test time) with jinja2 as transformers' apply_chat_template renders it:
+# ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]), tojson =
+# json.dumps(x, ensure_ascii=False), enable_thinking = our thinking. The template's text: the chat_template of
+# nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 (llama.cpp models/templates/, sha256 of the CRLF file
+# 650b9d301337fd103f9014f6f6ae89b46660ae92e4421d95bd3157115e5b02ce).
 
-QUESTION = [{"role": "user", "content": "What is 2+2?"}]
+QUESTION = {"role": "user", "content": "What is 2+2?"}
 THOUGHT_ANSWER = {"role": "assistant", "content": "<think>\n2+2 is 4.\n</think>\nThe answer is 4."}
-
-
-def test_single_turn_thinking():
-    assert render_chat(QUESTION + [THOUGHT_ANSWER]) == (
-        "<|im_start|>system\n<|im_end|>\n"  # the template always opens with a system turn, empty or not
-        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n2+2 is 4.\n</think>\nThe answer is 4.<|im_end|>\n")
-    # thinking given as reasoning_content renders the same
-    same = {"role": "assistant", "reasoning_content": "2+2 is 4.", "content": "The answer is 4."}
-    assert render_chat(QUESTION + [same]) == render_chat(QUESTION + [THOUGHT_ANSWER])
-
-
-def test_single_turn_non_thinking():
-    expected = ("<|im_start|>system\nBe brief.<|im_end|>\n"
-                "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
-                "<|im_start|>assistant\n<think></think>The answer is 4.<|im_end|>\n")
-    system = [{"role": "system", "content": "Be brief."}]
-    # non-thinking mode drops the thought; an answer without one renders the same in either mode
-    assert render_chat(system + QUESTION + [THOUGHT_ANSWER], thinking=False) == expected
-    plain = {"role": "assistant", "content": "The answer is 4."}
-    assert render_chat(system + QUESTION + [plain], thinking=True) == expected
-
-
-def test_generation_prompts():
-    prefix = "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
-    assert render_chat(QUESTION, add_generation_prompt=True) == prefix + "<|im_start|>assistant\n<think>\n"
-    assert render_chat(QUESTION, thinking=False, add_generation_prompt=True) == (
-        prefix + "<|im_start|>assistant\n<think></think>")
-
-
-def test_multi_turn_drops_earlier_thinking():
-    messages = QUESTION + [THOUGHT_ANSWER, {"role": "user", "content": "And 3+3?"},
-                           {"role": "assistant", "reasoning_content": "3+3 is 6.", "content": "6."}]
-    assert render_chat(messages) == (
-        "<|im_start|>system\n<|im_end|>\n"
-        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
-        "<|im_start|>assistant\n<think></think>The answer is 4.<|im_end|>\n"
-        "<|im_start|>user\nAnd 3+3?<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n3+3 is 6.\n</think>\n6.<|im_end|>\n")
-
-
+REASONING_CONTENT = {"role": "assistant", "reasoning_content": "3+3 is 6.", "content": "6."}
+PLAIN_ANSWER = {"role": "assistant", "content": "The answer is 4."}
+WEATHER_SYSTEM = {"role": "system", "content": "You are a weather bot."}
 TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather for a city.",
+    "name": "get_weather", "description": "Current weather for a city. ",
     "parameters": {"type": "object", "properties": {
         "city": {"type": "string", "description": "City name"},
-        "days": {"type": "integer", "enum": [1, 2]}},
-        "required": ["city"]}}}]
-TOOL_CHAT = [
-    {"role": "system", "content": "You are a weather bot."},
-    {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": "<think>\nI should call the tool.\n</think>\n",
-     "tool_calls": [{"type": "function", "function": {"name": "get_weather",
-                                                       "arguments": '{"city": "Paris", "days": 2}'}}]},
-    {"role": "tool", "content": '{"temp_c": 21}'},
-    {"role": "tool", "content": '{"sky": "clear"}'},
-    {"role": "assistant", "content": "<think>\n21 and clear.\n</think>\nSunny, 21°C."},
-]
-TOOL_CHAT_TEXT = (
-    "<|im_start|>system\nYou are a weather bot.\n\n"
-    "# Tools\n\nYou have access to the following functions:\n\n"
-    "<tools>\n<function>\n<name>get_weather</name>\n<description>Current weather for a city.</description>\n"
-    "<parameters>\n"
-    "<parameter>\n<name>city</name>\n<type>string</type>\n<description>City name</description>\n</parameter>\n"
-    "<parameter>\n<name>days</name>\n<type>integer</type>\n<enum>[1, 2]</enum>\n</parameter>\n"
-    '<required>["city"]</required>\n</parameters>\n</function>\n</tools>\n\n'
-    "To call a function, reply with:\n<tool_call>\n<function=NAME>\n<parameter=PARAM>\nVALUE\n</parameter>\n"
-    "</function>\n</tool_call><|im_end|>\n"
-    "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
-    "<|im_start|>assistant\n<think>\nI should call the tool.\n</think>\n"
-    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n"
-    "</function>\n</tool_call>\n<|im_end|>\n"
-    "<|im_start|>user\n<tool_response>\n{\"temp_c\": 21}\n</tool_response>\n"
-    "<tool_response>\n{\"sky\": \"clear\"}\n</tool_response>\n<|im_end|>\n"
-    "<|im_start|>assistant\n<think>\n21 and clear.\n</think>\nSunny, 21°C.<|im_end|>\n")
+        "days": {"type": "integer", "enum": [1, 2], "minimum": 1},
+        "units": {"type": ["string", "null"], "items": {"type": "string"}}},
+        "required": ["city"], "additionalProperties": False}, "strict": True}},
+    {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}]
+CALL_PARIS = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}
+CALL_TIME = {"name": "get_time", "arguments": {"zone": "CET", "flags": [1, "a"], "opts": {"x": True}, "ok": True, "f": 1.5}}
+OFFICIAL_CASES = {  # name -> render_chat's arguments
+    "single_thinking": dict(messages=[QUESTION, THOUGHT_ANSWER]),
+    "reasoning_content": dict(messages=[QUESTION, {"role": "assistant", "reasoning_content": "2+2 is 4.", "content": "The answer is 4."}]),
+    "non_thinking_flag": dict(messages=[{"role": "system", "content": "Be brief."}, QUESTION, THOUGHT_ANSWER], thinking=False),
+    "plain_answer": dict(messages=[{"role": "system", "content": "Be brief."}, QUESTION, PLAIN_ANSWER]),
+    "gen_thinking": dict(messages=[QUESTION], add_generation_prompt=True),
+    "gen_non_thinking": dict(messages=[QUESTION], add_generation_prompt=True, thinking=False),
+    "multi_turn": dict(messages=[QUESTION, THOUGHT_ANSWER, {"role": "user", "content": "And 3+3?"}, REASONING_CONTENT]),
+    "multi_turn_history_without_thinking": dict(messages=[QUESTION, PLAIN_ANSWER, {"role": "user", "content": "And 3+3?"}, REASONING_CONTENT]),
+    "multi_turn_gen_non_thinking": dict(messages=[QUESTION, THOUGHT_ANSWER, {"role": "user", "content": "And 3+3?"}], add_generation_prompt=True, thinking=False),
+    "whitespace_as_written": dict(messages=[{"role": "user", "content": " 12 "}, {"role": "assistant", "content": "\n<think>\n\n...12!\n</think>\n\n12 é \n"}]),
+    "tools_and_results": dict(messages=[WEATHER_SYSTEM, {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "<think>\nI should call the tool.\n</think>\n", "tool_calls": [CALL_PARIS]},
+        {"role": "tool", "content": '{"temp_c": 21}'}, {"role": "tool", "content": '{"sky": "clear"}'},
+        {"role": "assistant", "content": "<think>\n21 and clear.\n</think>\nSunny, 21°C."}], tools=TOOLS),
+    "tools_no_system": dict(messages=[QUESTION], tools=TOOLS, add_generation_prompt=True),
+    "parallel_typed_calls": dict(messages=[QUESTION, {"role": "assistant", "content": "<think>\nTwo calls.\n</think>\nChecking.", "tool_calls": [CALL_PARIS, CALL_TIME]}], tools=TOOLS),
+    "call_without_content": dict(messages=[QUESTION, {"role": "assistant", "content": "", "tool_calls": [CALL_TIME]}]),
+    "call_none_content": dict(messages=[QUESTION, {"role": "assistant", "content": None, "tool_calls": [CALL_TIME]}]),
+    "earlier_call_turn": dict(messages=[QUESTION, {"role": "assistant", "content": "<think>\nCall.\n</think>\nOne moment.", "tool_calls": [CALL_PARIS]},
+        {"role": "tool", "content": "21"}, {"role": "assistant", "content": "<think>\nok\n</think>\n21."}, {"role": "user", "content": "Thanks"}], tools=TOOLS, add_generation_prompt=True),
+    "earlier_call_turn_thought_only": dict(messages=[QUESTION, {"role": "assistant", "content": "<think>\nCall.\n</think>\n", "tool_calls": [CALL_PARIS]},
+        {"role": "tool", "content": "21"}, {"role": "user", "content": "Thanks"}]),
+    "later_system_turn": dict(messages=[WEATHER_SYSTEM, QUESTION, {"role": "system", "content": "Answer in French."}, PLAIN_ANSWER]),
+    "tool_after_user_then_user": dict(messages=[QUESTION, {"role": "tool", "content": "x"}, {"role": "user", "content": "y"}]),
+    "unclosed_thought": dict(messages=[QUESTION, {"role": "assistant", "content": "<think>\nno end"}]),
+    "empty_earlier_answer": dict(messages=[QUESTION, {"role": "assistant", "content": "<think>\nonly thought\n</think>"}, {"role": "user", "content": "?"}]),
+    "other_role": dict(messages=[QUESTION, {"role": "ipython", "content": "out"}]),
+}
 
 
-def test_tools_tool_call_and_tool_response():
-    # the tool-calling turn keeps its thinking: tool results are not user turns
-    assert render_chat(TOOL_CHAT, tools=TOOLS) == TOOL_CHAT_TEXT
+OFFICIAL_RENDERINGS = {  # name -> the official template's text, rendered with jinja2 (see the comment above)
+    "single_thinking": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think>\n2+2 is 4.\n</think>\nThe answer is 4.<|im_end|>\n'),
+    "reasoning_content": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think>\n2+2 is 4.\n</think>\nThe answer is 4.<|im_end|>\n'),
+    "non_thinking_flag": (
+        '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
+        '<|im_start|>assistant\n<think>\n2+2 is 4.\n</think>\nThe answer is 4.<|im_end|>\n'),
+    "plain_answer": (
+        '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
+        '<|im_start|>assistant\n<think></think>The answer is 4.<|im_end|>\n'),
+    "gen_thinking": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think>\n'),
+    "gen_non_thinking": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think></think>'),
+    "multi_turn": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think></think>\nThe answer is 4.<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n'
+        '<|im_start|>assistant\n<think>\n3+3 is 6.\n</think>\n6.<|im_end|>\n'),
+    "multi_turn_history_without_thinking": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think></think>The answer is 4.<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n'
+        '<|im_start|>assistant\n<think>\n3+3 is 6.\n</think>\n6.<|im_end|>\n'),
+    "multi_turn_gen_non_thinking": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think></think>\nThe answer is 4.<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n'
+        '<|im_start|>assistant\n<think></think>'),
+    "whitespace_as_written": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\n 12 <|im_end|>\n<|im_start|>assistant\n<think>\n'
+        '\n...12!\n</think>\n\n12 é<|im_end|>\n'),
+    "tools_and_results": (
+        '<|im_start|>system\nYou are a weather bot.\n\n# Tools\n\n'
+        'You have access to the following functions:\n\n<tools>\n<function>\n<name>get_weather</name>\n'
+        '<description>Current weather for a city.</description>\n<parameters>\n<parameter>\n'
+        '<name>city</name>\n<type>string</type>\n<description>City name</description>\n</parameter>\n'
+        '<parameter>\n<name>days</name>\n<type>integer</type>\n<enum>[1, 2]</enum>\n<minimum>1</minimum>\n'
+        "</parameter>\n<parameter>\n<name>units</name>\n<type>['string', 'null']</type>\n"
+        '<items>{"type": "string"}</items>\n</parameter>\n'
+        '<additionalProperties>False</additionalProperties>\n<required>["city"]</required>\n</parameters>\n'
+        '<strict>True</strict>\n</function>\n<function>\n<name>get_time</name>\n<parameters>\n<parameter>\n'
+        '<name>zone</name>\n<type>string</type>\n</parameter>\n</parameters>\n</function>\n</tools>\n\n'
+        'If you choose to call a function ONLY reply in the following format with NO suffix:\n\n'
+        '<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n'
+        '</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\n'
+        'that can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n'
+        '- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n'
+        '- Required parameters MUST be specified\n'
+        '- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n'
+        '- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n'
+        '</IMPORTANT><|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n'
+        '<think>\nI should call the tool.\n</think>\n<tool_call>\n<function=get_weather>\n'
+        '<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n'
+        '</tool_call>\n<|im_end|>\n<|im_start|>user\n<tool_response>\n{"temp_c": 21}\n</tool_response>\n'
+        '<tool_response>\n{"sky": "clear"}\n</tool_response>\n<|im_end|>\n<|im_start|>assistant\n<think>\n'
+        '21 and clear.\n</think>\nSunny, 21°C.<|im_end|>\n'),
+    "tools_no_system": (
+        '<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n'
+        '<function>\n<name>get_weather</name>\n<description>Current weather for a city.</description>\n'
+        '<parameters>\n<parameter>\n<name>city</name>\n<type>string</type>\n'
+        '<description>City name</description>\n</parameter>\n<parameter>\n<name>days</name>\n'
+        '<type>integer</type>\n<enum>[1, 2]</enum>\n<minimum>1</minimum>\n</parameter>\n<parameter>\n'
+        '<name>units</name>\n<type>[\'string\', \'null\']</type>\n<items>{"type": "string"}</items>\n'
+        '</parameter>\n<additionalProperties>False</additionalProperties>\n<required>["city"]</required>\n'
+        '</parameters>\n<strict>True</strict>\n</function>\n<function>\n<name>get_time</name>\n'
+        '<parameters>\n<parameter>\n<name>zone</name>\n<type>string</type>\n</parameter>\n</parameters>\n'
+        '</function>\n</tools>\n\n'
+        'If you choose to call a function ONLY reply in the following format with NO suffix:\n\n'
+        '<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n'
+        '</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\n'
+        'that can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n'
+        '- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n'
+        '- Required parameters MUST be specified\n'
+        '- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n'
+        '- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n'
+        '</IMPORTANT><|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n'),
+    "parallel_typed_calls": (
+        '<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n'
+        '<function>\n<name>get_weather</name>\n<description>Current weather for a city.</description>\n'
+        '<parameters>\n<parameter>\n<name>city</name>\n<type>string</type>\n'
+        '<description>City name</description>\n</parameter>\n<parameter>\n<name>days</name>\n'
+        '<type>integer</type>\n<enum>[1, 2]</enum>\n<minimum>1</minimum>\n</parameter>\n<parameter>\n'
+        '<name>units</name>\n<type>[\'string\', \'null\']</type>\n<items>{"type": "string"}</items>\n'
+        '</parameter>\n<additionalProperties>False</additionalProperties>\n<required>["city"]</required>\n'
+        '</parameters>\n<strict>True</strict>\n</function>\n<function>\n<name>get_time</name>\n'
+        '<parameters>\n<parameter>\n<name>zone</name>\n<type>string</type>\n</parameter>\n</parameters>\n'
+        '</function>\n</tools>\n\n'
+        'If you choose to call a function ONLY reply in the following format with NO suffix:\n\n'
+        '<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n'
+        '</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\n'
+        'that can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n'
+        '- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n'
+        '- Required parameters MUST be specified\n'
+        '- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n'
+        '- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n'
+        '</IMPORTANT><|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n'
+        'Two calls.\n</think>\nChecking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n'
+        '</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n'
+        '<function=get_time>\n<parameter=zone>\nCET\n</parameter>\n<parameter=flags>\n[1, "a"]\n'
+        '</parameter>\n<parameter=opts>\n{"x": true}\n</parameter>\n<parameter=ok>\nTrue\n</parameter>\n'
+        '<parameter=f>\n1.5\n</parameter>\n</function>\n</tool_call>\n<|im_end|>\n'),
+    "call_without_content": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think></think>\n<tool_call>\n<function=get_time>\n<parameter=zone>\nCET\n</parameter>\n'
+        '<parameter=flags>\n[1, "a"]\n</parameter>\n<parameter=opts>\n{"x": true}\n</parameter>\n'
+        '<parameter=ok>\nTrue\n</parameter>\n<parameter=f>\n1.5\n</parameter>\n</function>\n</tool_call>\n'
+        '<|im_end|>\n'),
+    "call_none_content": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think></think>\n<tool_call>\n<function=get_time>\n<parameter=zone>\nCET\n</parameter>\n'
+        '<parameter=flags>\n[1, "a"]\n</parameter>\n<parameter=opts>\n{"x": true}\n</parameter>\n'
+        '<parameter=ok>\nTrue\n</parameter>\n<parameter=f>\n1.5\n</parameter>\n</function>\n</tool_call>\n'
+        '<|im_end|>\n'),
+    "earlier_call_turn": (
+        '<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n'
+        '<function>\n<name>get_weather</name>\n<description>Current weather for a city.</description>\n'
+        '<parameters>\n<parameter>\n<name>city</name>\n<type>string</type>\n'
+        '<description>City name</description>\n</parameter>\n<parameter>\n<name>days</name>\n'
+        '<type>integer</type>\n<enum>[1, 2]</enum>\n<minimum>1</minimum>\n</parameter>\n<parameter>\n'
+        '<name>units</name>\n<type>[\'string\', \'null\']</type>\n<items>{"type": "string"}</items>\n'
+        '</parameter>\n<additionalProperties>False</additionalProperties>\n<required>["city"]</required>\n'
+        '</parameters>\n<strict>True</strict>\n</function>\n<function>\n<name>get_time</name>\n'
+        '<parameters>\n<parameter>\n<name>zone</name>\n<type>string</type>\n</parameter>\n</parameters>\n'
+        '</function>\n</tools>\n\n'
+        'If you choose to call a function ONLY reply in the following format with NO suffix:\n\n'
+        '<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n'
+        '</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\n'
+        'that can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n'
+        '- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n'
+        '- Required parameters MUST be specified\n'
+        '- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n'
+        '- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n'
+        '</IMPORTANT><|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think></think>One moment.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n'
+        '</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>\n<|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n21\n</tool_response>\n<|im_end|>\n<|im_start|>assistant\n'
+        '<think></think>\n21.<|im_end|>\n<|im_start|>user\nThanks<|im_end|>\n<|im_start|>assistant\n'
+        '<think>\n'),
+    "earlier_call_turn_thought_only": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think></think>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n'
+        '<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>\n<|im_end|>\n<|im_start|>user\n'
+        '<tool_response>\n21\n</tool_response>\n<|im_end|>\n<|im_start|>user\nThanks<|im_end|>\n'),
+    "later_system_turn": (
+        '<|im_start|>system\nYou are a weather bot.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n'
+        '<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>assistant\n'
+        '<think></think>The answer is 4.<|im_end|>\n'),
+    "tool_after_user_then_user": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>user\n'
+        '<tool_response>\nx\n</tool_response>\n<|im_end|>\n<|im_start|>user\ny<|im_end|>\n'),
+    "unclosed_thought": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think>\nno end<|im_end|>\n'),
+    "empty_earlier_answer": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<think></think><|im_end|>\n<|im_start|>user\n?<|im_end|>\n'),
+    "other_role": (
+        '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>ipython\n'
+        'out<|im_end|>\n'),
+}
 
 
-def test_tool_call_without_thinking():
-    messages = [{"role": "user", "content": "Paris?"},
-                {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather",
-                                                                       "arguments": {"city": "Paris"}}]}]
-    assert render_chat(messages).endswith(
-        "<|im_start|>assistant\n<think></think>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
-        "</parameter>\n</function>\n</tool_call>\n<|im_end|>\n")
+@pytest.mark.parametrize("name", list(OFFICIAL_CASES))
+def test_rendering_equals_the_official_template(tok, name):
+    kwargs, expected = OFFICIAL_CASES[name], OFFICIAL_RENDERINGS[name]
+    assert render_chat(**kwargs) == expected
+    ids, mask = encode_chat(tok, **kwargs)  # and the ids are those of the official text
+    assert ids == tok.encode(expected) and tok.decode(ids) == expected
 
 
-def test_unclosed_thinking_in_data_fails_loudly():
-    with pytest.raises(ValueError):
-        render_chat(QUESTION + [{"role": "assistant", "content": "<think>\nno end"}])
+def test_tool_result_first_opens_a_user_turn():
+    # the one deviation: the official template opens no user turn for a tool message that comes first, which
+    # leaves it inside the system turn's wake; ours opens one, as for a tool message anywhere else
+    messages = [{"role": "tool", "content": "r"}, {"role": "user", "content": "q"}]
+    assert render_chat(messages) == ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<tool_response>\nr\n"
+                                     "</tool_response>\n<|im_end|>\n<|im_start|>user\nq<|im_end|>\n")
+
+
+TOOL_CHAT = OFFICIAL_CASES["tools_and_results"]["messages"]
 
 
 # -----------------------------------------------------------------------------
@@ -226,12 +366,13 @@ def masked_spans(tok, ids, mask):
 
 
 CONVERSATIONS = {  # name -> (messages, tools, thinking, the trained text of each assistant turn)
-    "thinking": (QUESTION + [THOUGHT_ANSWER], None, True,
+    "thinking": ([QUESTION, THOUGHT_ANSWER], None, True,
                  ["2+2 is 4.\n</think>\nThe answer is 4.<|im_end|>"]),
-    "non_thinking": (QUESTION + [THOUGHT_ANSWER], None, False, ["The answer is 4.<|im_end|>"]),
-    "multi_turn": (QUESTION + [THOUGHT_ANSWER, {"role": "user", "content": "Double it?"},
-                               {"role": "assistant", "content": "<think>\n4*2 = 8\n</think>\n8"}], None, True,
-                   ["The answer is 4.<|im_end|>", "4*2 = 8\n</think>\n8<|im_end|>"]),
+    "non_thinking": ([QUESTION, PLAIN_ANSWER], None, False, ["The answer is 4.<|im_end|>"]),
+    # an earlier turn loses its thinking and is trained as a non-thinking answer: after <think></think>
+    "multi_turn": ([QUESTION, THOUGHT_ANSWER, {"role": "user", "content": "Double it?"},
+                    {"role": "assistant", "content": "<think>\n4*2 = 8\n</think>\n8"}], None, True,
+                   ["\nThe answer is 4.<|im_end|>", "4*2 = 8\n</think>\n8<|im_end|>"]),
     "tools": (TOOL_CHAT, TOOLS, True, [
         "I should call the tool.\n</think>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
         "</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>\n<|im_end|>",
@@ -239,7 +380,7 @@ CONVERSATIONS = {  # name -> (messages, tools, thinking, the trained text of eac
     # awkward starts for BPE next to a boundary: digits, punctuation, non-ASCII, a leading newline in the data
     "awkward": ([{"role": "user", "content": "12"},
                  {"role": "assistant", "content": "<think>\n\n...12!\n</think>\n\n12 é"}], None, True,
-                ["...12!\n</think>\n12 é<|im_end|>"]),
+                ["\n...12!\n</think>\n\n12 é<|im_end|>"]),
 }
 
 
