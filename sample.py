@@ -35,6 +35,7 @@ CLI (the checkpoint directory holds an HF export: config.json, safetensors, toke
     python sample.py --ckpt DIR --eval data/eval.jsonl --n 4 --out scores.json   # per-domain pass@1 / avg@K
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -106,6 +107,62 @@ def sample_tokens(logits: torch.Tensor, temperature=1.0, top_p=1.0, top_k=0, gen
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The model that trains: gather FSDP2 shards once for a whole rollout phase
+
+_GATHERED: dict = {}          # id(FSDP-sharded model) -> its gathered plain copy, while sampling_weights is open
+
+
+@contextlib.contextmanager
+def sampling_weights(model: Model):
+    """
+    with sampling_weights(model): generate(model, ...) ...
+
+    On an FSDP2-sharded model, all-gathers every parameter once, in the dtype the training forward computes in
+    (the mixed-precision param_dtype of the FSDP module that owns it), into a plain, hook-free Model that
+    `generate` then runs instead of `model`, for every call inside the block. FSDP's own state is never touched
+    (no unshard(), no lazy init, no hooks: the cache is never an argument FSDP could cast or copy), so the next
+    training step runs exactly as it would have without the block. The copy costs one unsharded model in the
+    compute dtype (what FSDP's own unshard would hold); it is freed on exit. Every process must enter the block
+    (the gather is a collective). On a plain model: a no-op. Yields the model generate will run.
+    """
+    if id(model) in _GATHERED or not _is_sharded(model):          # re-entered, or nothing to gather
+        yield _GATHERED.get(id(model), model)
+        return
+    _GATHERED[id(model)] = gathered = _gather_plain_copy(model)
+    try:
+        yield gathered
+    finally:
+        del _GATHERED[id(model)]
+
+
+def _is_sharded(model):
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@torch.inference_mode(False)       # generate may call it from inside inference mode; DTensor ops refuse that
+@torch.no_grad()
+def _gather_plain_copy(model):
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    # param_dtype of each FSDP module's policy (None = the parameter's own dtype); a parameter belongs to the
+    # innermost FSDP module above it, as in fully_shard's grouping.
+    policy = {name: m._get_fsdp_state()._mp_policy.param_dtype for name, m in model.named_modules()
+              if isinstance(m, FSDPModule)}
+    tensors = {}
+    for name, p in model.named_parameters():
+        owner = max((m for m in policy if m == "" or name.startswith(m + ".")), key=len, default=None)
+        dtype = policy.get(owner) or p.dtype
+        p = p.detach().to(dtype)                                   # cast before gathering, as FSDP does
+        tensors[name] = p.full_tensor() if isinstance(p, DTensor) else p.clone()
+    tensors.update(model.named_buffers())
+    with torch.device("meta"):
+        plain = Model(model.config)
+    plain.load_state_dict(tensors, assign=True)
+    return plain.requires_grad_(False).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # generate
 
 
@@ -136,9 +193,14 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     the token each just sampled (the CLI streams with it); finished completions no longer appear.
 
     Runs under torch.inference_mode and leaves the model's train/eval mode alone (the model has no dropout).
-    Under FSDP2, gather the parameters once around the whole call (unshard() every FSDP module before, with
-    reshard-after-forward off, and reshard() after), not per step: generate calls the model once per token.
+    On an FSDP2-sharded model, call it inside `with sampling_weights(model):` (every process, same calls), which
+    gathers the parameters once for all the calls in the block; outside one, each call gathers them for itself.
     """
+    if _is_sharded(model) and id(model) not in _GATHERED:
+        with sampling_weights(model):
+            return generate(model, prompts, max_new_tokens, temperature, top_p, top_k, n, stop_token_ids, seed,
+                            raw_logprobs=raw_logprobs, prefill_chunk=prefill_chunk, on_step=on_step)
+    model = _GATHERED.get(id(model), model)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if temperature < 0:

@@ -281,3 +281,90 @@ def test_chunked_prefill_matches_one_prefill(model):
         assert [c.tokens for c in parts] == [c.tokens for c in whole]
         for a, b in zip(parts, whole):
             torch.testing.assert_close(torch.tensor(a.raw_logprobs), torch.tensor(b.raw_logprobs), atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling from the model that trains: FSDP2 (gloo, 1 and 2 processes, fp32 and bf16 mixed precision)
+
+
+def _train_step(model, ids, opt):
+    """One SGD step on the mean token NLL; returns (loss, gradient norm) as floats, the same on every rank."""
+    from torch.distributed.tensor import DTensor
+    loss = -model(ids[:, :-1], targets=ids[:, 1:]).mean()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    opt.step()
+    opt.zero_grad()
+    return loss.item(), norm.item()
+
+
+def _fsdp_worker(rank, world, port, errors):
+    import copy
+
+    import torch.distributed as dist
+    from torch.nn import Parameter
+
+    import common
+    from sample import sampling_weights
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    d = common.init_dist("cpu")
+    try:
+        ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(rank))   # per-rank data
+        kw = dict(stop_token_ids=[], raw_logprobs=True)
+        for bf16 in (False, True):
+            base = randomize(Model(small_config()))
+            sharded, untouched, probe = (common.shard_model(copy.deepcopy(base), d, bf16=bf16) for _ in range(3))
+            # the plain model computes with what FSDP's forward computes with: each parameter in the dtype it is
+            # gathered in (read off a real forward of the probe), buffers as they are
+            dtypes = {}
+            for prefix, m in probe.named_modules():
+                m.register_forward_pre_hook(lambda m, args, prefix=prefix: dtypes.update(
+                    {f"{prefix}.{n}".lstrip("."): p.dtype for n, p in m.named_parameters() if type(p) is Parameter}))
+            with torch.no_grad():
+                probe(ids)
+            plain = copy.deepcopy(base)
+            for name, p in plain.named_parameters():
+                p.data = p.data.to(dtypes[name])                 # (KeyError: a parameter FSDP never gathered)
+            assert (torch.bfloat16 in dtypes.values()) == bf16
+            opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (sharded, untouched)]
+            for phase in range(2):                  # before the first training forward, then after a step
+                with sampling_weights(sharded):
+                    greedy = generate(sharded, PROMPTS, 6, temperature=0, **kw)
+                    sampled = generate(sharded, PROMPTS, 6, n=2, seed=rank, top_p=0.9, **kw)
+                assert greedy == generate(plain, PROMPTS, 6, temperature=0, **kw), (bf16, phase)
+                assert sampled == generate(plain, PROMPTS, 6, n=2, seed=rank, top_p=0.9, **kw), (bf16, phase)
+                if phase == 0:                                       # outside the block: gathers for itself
+                    assert generate(sharded, PROMPTS, 6, temperature=0, **kw) == greedy
+                a, b = _train_step(sharded, ids, opts[0]), _train_step(untouched, ids, opts[1])
+                assert a == b, (bf16, phase, a, b)                   # the same loss and gradient norm, exactly
+                full = {k: v.full_tensor() for k, v in sharded.state_dict().items() if hasattr(v, "full_tensor")}
+                for name, p in plain.named_parameters():             # follow the training step on the plain copy
+                    p.data = full[name].to(p.dtype)
+    except BaseException as e:                                       # reported to the parent, which fails the test
+        import traceback
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise e
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_generate_on_fsdp_model_equals_plain_model_and_leaves_training_alone(world):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    errors = mp.get_context("spawn").SimpleQueue()
+    procs = mp.start_processes(_fsdp_worker, args=(world, port, errors), nprocs=world, join=False,
+                               start_method="spawn")
+    try:
+        while not procs.join(timeout=300):
+            pass
+    except Exception as e:                      # a worker failed: show its traceback, not just its exit code
+        raise AssertionError(errors.get() if not errors.empty() else str(e)) from None
