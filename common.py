@@ -139,7 +139,10 @@ class Dist:
         return self.rank == 0
 
 
-def init_dist(device: str = "auto") -> Dist:
+def init_dist(device: str = "auto", timeout_s: float = 3600) -> Dist:
+    """timeout_s: how long a collective may wait for the slowest rank before the run aborts. torch's default
+    (10 min) is shorter than one long-row step plus a checkpoint write at real size: make it generous."""
+    import datetime
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" not in os.environ:
@@ -147,7 +150,7 @@ def init_dist(device: str = "auto") -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     dev = torch.device(f"cuda:{local_rank}") if device == "cuda" else torch.device("cpu")
     return Dist(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=dev)
 
@@ -189,8 +192,18 @@ def shard_model(model, d: Dist, bf16: bool = False, activation_checkpointing: bo
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
+    # FSDP2 casts a whole parameter group to one dtype, and the layer's own group would cast A_log, D and the
+    # router (FP32_TENSORS) to bf16 too. So under bf16 the big matrices of Mamba and MoE layers get a bf16 group
+    # of their own and the layer's group, holding what is left (A_log, D, dt_bias, conv1d, norms, the router),
+    # is gathered in fp32 and does not cast the layer's input (the residual stream stays bf16).
+    keep_fp32 = MixedPrecisionPolicy(cast_forward_inputs=False)
     for layer in model.backbone.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+        big = {"mamba": ["in_proj", "out_proj"], "moe": ["experts", "shared_experts"]}.get(layer.kind) if bf16 \
+            else None
+        if big:     # (their inputs are bf16 already; the routing weights stay fp32)
+            fully_shard([getattr(layer.mixer, n) for n in big if getattr(layer.mixer, n) is not None], mesh=mesh,
+                        mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False))
+        fully_shard(layer, mesh=mesh, mp_policy=keep_fp32 if big else mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
@@ -237,19 +250,22 @@ def set_lr(optimizer, lr):
 
 def balance_experts(model, d: Dist):
     """
-    Aux-loss-free MoE balancing, once per optimizer step: sum each MoE layer's per-expert token counts over the
-    processes, then let the layer nudge its correction bias toward under-loaded experts (a no-op unless the
-    model's moe_bias_update_rate > 0). Returns the mean over layers of max-load / mean-load (1.0 = balanced),
-    the metric to watch, or None when no MoE layer ran.
+    Aux-loss-free MoE balancing, once per optimizer step: sum every MoE layer's per-expert token counts over the
+    processes (one all-reduce for all layers), then let each layer nudge its correction bias toward under-loaded
+    experts. With balancing off (moe_bias_update_rate 0) there is no collective at all: the counts stay local.
+    Returns the mean over layers of max-load / mean-load (1.0 = balanced; this process's own tokens when
+    balancing is off), the metric to watch, or None when no MoE layer ran.
     """
     from model import MoE
-    ratios = []
-    for m in model.modules():
-        if isinstance(m, MoE) and m.expert_load is not None:
-            m.expert_load = all_reduce_sum(m.expert_load, d)
-            load = m.update_correction_bias()
-            ratios.append((load.max() / load.mean().clamp(min=1e-9)).item())
-    return sum(ratios) / len(ratios) if ratios else None
+    layers = [m for m in model.modules() if isinstance(m, MoE) and m.expert_load is not None]
+    if not layers:
+        return None
+    if layers[0].cfg.moe_bias_update_rate > 0:
+        summed = all_reduce_sum(torch.stack([m.expert_load for m in layers]), d)
+        for m, load in zip(layers, summed):
+            m.expert_load = load
+    loads = torch.stack([m.update_correction_bias() for m in layers])
+    return (loads.max(-1).values / loads.mean(-1).clamp(min=1e-9)).mean().item()
 
 
 class NonFiniteError(FloatingPointError):
@@ -304,6 +320,7 @@ class Checkpointer:
     def __init__(self, out_dir, d: Dist, keep_last=2):
         self.dir = os.path.join(out_dir, "checkpoints")
         self.d, self.keep_last = d, keep_last
+        self.resumed_from = None
         if d.is_main:
             os.makedirs(self.dir, exist_ok=True)
             for name in os.listdir(self.dir):            # leftovers of a save that was killed half-way
@@ -312,13 +329,26 @@ class Checkpointer:
         if d.world_size > 1:
             dist.barrier()
 
+    def complete(self):
+        """Names of the complete checkpoints (trainer_state.json is written last), oldest first."""
+        names = [n for n in os.listdir(self.dir) if re.fullmatch(r"step_\d+", n)
+                 and os.path.exists(os.path.join(self.dir, n, "trainer_state.json"))]
+        return sorted(names, key=lambda n: int(n[5:]))
+
     def latest(self):
+        """The checkpoint to resume from: the one `latest` names, or, when that marker is missing or names a
+        directory that is gone or incomplete, the newest complete step_* (a run must never restart at step 0
+        beside its own checkpoints)."""
         marker = os.path.join(self.dir, "latest")
-        if not os.path.exists(marker):
-            return None
-        with open(marker) as f:
-            path = os.path.join(self.dir, f.read().strip())
-        return path if os.path.exists(os.path.join(path, "trainer_state.json")) else None
+        if os.path.exists(marker):
+            with open(marker) as f:
+                path = os.path.join(self.dir, f.read().strip())
+            if os.path.exists(os.path.join(path, "trainer_state.json")):
+                return path
+        done = self.complete()
+        if done and self.d.is_main:
+            print(f"checkpoints: {marker} is missing or broken; resuming from the newest complete {done[-1]}")
+        return os.path.join(self.dir, done[-1]) if done else None
 
     def _state(self, model, optimizer):
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -346,9 +376,12 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _write_atomic(os.path.join(self.dir, "latest"), name)
-            done = sorted(n for n in os.listdir(self.dir) if re.fullmatch(r"step_\d+", n))
-            for old in done[:-self.keep_last]:
-                shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
+            # keep the newest keep_last up to this step (never ones from a later, abandoned run, never the one
+            # just written) and never the checkpoint this run resumed from
+            lineage = [n for n in self.complete() if int(n[5:]) <= step]
+            for old in lineage[:-self.keep_last]:
+                if os.path.join(self.dir, old) != self.resumed_from:
+                    shutil.rmtree(os.path.join(self.dir, old), ignore_errors=True)
         if self.d.world_size > 1:
             dist.barrier()
         return final
@@ -357,6 +390,7 @@ class Checkpointer:
         """Restore model, optimizer and this rank's RNG states from `path`; returns the trainer state."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
+        self.resumed_from = path
         state = self._state(model, optimizer)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -65,6 +65,7 @@ class SFTConfig:
     keep_last: int = 2  # checkpoints kept
     seed: int = 0  # model init, data order, sampling
     device: str = "auto"  # auto, cpu or cuda
+    dist_timeout_s: int = 3600  # how long a collective waits for the slowest process before the run aborts
     bf16: bool = False  # bf16 compute with fp32 master weights and reductions (FSDP, GPU)
     activation_checkpointing: bool = False  # recompute each layer in backward to save memory
     export_dtype: str = ""  # dtype of the HF export: bfloat16, float32 or empty = as trained
@@ -177,7 +178,7 @@ def load_tokenizer_for(cfg):
 
 
 def main(cfg: SFTConfig):
-    d = common.init_dist(cfg.device)
+    d = common.init_dist(cfg.device, cfg.dist_timeout_s)
     common.seed_everything(cfg.seed)
     tokenizer = load_tokenizer_for(cfg)
 
@@ -247,7 +248,8 @@ def main(cfg: SFTConfig):
         t0 = time.perf_counter()
         lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr)
         common.set_lr(optimizer, lr)
-        mine = rows_for_step(step, cfg.global_batch, num_rows, cfg.seed)[d.rank::d.world_size]
+        step_rows = rows_for_step(step, cfg.global_batch, num_rows, cfg.seed)
+        mine = step_rows[d.rank::d.world_size]
         # normalise by the global number of target tokens, so every process count gives the same gradient
         n_tokens = common.all_reduce_sum(torch.tensor(float((train[1][mine] >= 0).sum()), device=d.device), d)
         loss_sum = torch.zeros((), device=d.device)
@@ -268,7 +270,8 @@ def main(cfg: SFTConfig):
 
         dt = time.perf_counter() - t0
         metrics = dict(loss=loss, lr=lr, grad_norm=grad_norm, tokens=int(n_tokens.item()),
-                       tokens_per_s=cfg.global_batch * cfg.seq_len / dt, expert_imbalance=imbalance,
+                       tokens_per_s=int((train[2][step_rows] >= 0).sum()) / dt,    # real tokens, not padding
+                       expert_imbalance=imbalance,
                        peak_mem_mb=common.peak_memory_mb(d.device))
         done = step + 1
         if val is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
@@ -284,6 +287,7 @@ def main(cfg: SFTConfig):
     export_dir = os.path.join(cfg.out_dir, "export")
     common.export_hf(model, tokenizer, export_dir, d,
                      dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
+    common.close_dist()         # the other processes are done: they exit now instead of waiting on rank 0's eval
     if d.is_main:
         common.plot_metrics(log.path, os.path.join(cfg.out_dir, "curves.png"),
                             ["loss", "val_loss", "grad_norm", "lr", "tokens_per_s"])
@@ -291,7 +295,6 @@ def main(cfg: SFTConfig):
         if cfg.eval_data:
             score_export(export_dir, cfg.eval_data, cfg.eval_per_domain, cfg.eval_max_new_tokens, cfg.thinking,
                          os.path.join(cfg.out_dir, "eval.json"), d.device, cfg.seed)
-    common.close_dist()
     return model
 
 

@@ -1,0 +1,177 @@
+"""The real-scale path, shown on CPU: checkpoint fallback, collectives only when needed, mixed precision inside
+FSDP2, fp32 lm_head gradient accumulation, meta-device init, mask-free attention, bounded scan memory, the memory
+model and the data cache."""
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import sft
+from model import Model
+from tests.conftest import small_config
+from tests.test_sft import losses, run_dir, run_inprocess, tok  # noqa: F401  (fixtures)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matmuls on a shared 2-core machine: two spinning threads per process are far slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- distributed hygiene -----------------------------------------------------------------------------------------
+
+
+def _ckpt(tmp_path, steps, keep_last=10):
+    model = Model(small_config())
+    opt = common.make_optimizer(model, 1e-3, (0.9, 0.95), 0.1)
+    ck = common.Checkpointer(str(tmp_path), common.Dist(), keep_last=keep_last)
+    for s in steps:
+        ck.save(s, model, opt, {})
+    return ck, model, opt
+
+
+def test_latest_falls_back_to_newest_complete_checkpoint(tmp_path):
+    ck, model, opt = _ckpt(tmp_path, [2, 4, 6])
+    os.remove(os.path.join(ck.dir, "step_0000006", "trainer_state.json"))
+    assert ck.latest() == os.path.join(ck.dir, "step_0000004")   # marker names an incomplete one
+    os.remove(os.path.join(ck.dir, "latest"))
+    assert ck.latest() == os.path.join(ck.dir, "step_0000004")   # no marker
+    with open(os.path.join(ck.dir, "latest"), "w") as f:
+        f.write("step_0000099")
+    assert ck.latest() == os.path.join(ck.dir, "step_0000004")   # marker names a missing directory
+
+
+def test_keep_last_never_deletes_the_resumed_checkpoint_nor_new_ones(tmp_path):
+    ck, model, opt = _ckpt(tmp_path, [2, 4, 100])
+    with open(os.path.join(ck.dir, "latest"), "w") as f:
+        f.write("step_0000004")                                      # roll back: step_100 is an abandoned future
+    ck = common.Checkpointer(str(tmp_path), common.Dist(), keep_last=1)
+    ck.load(ck.latest(), model, opt)
+    ck.save(6, model, opt, {})
+    ck.save(8, model, opt, {})
+    assert ck.complete() == ["step_0000004", "step_0000008", "step_0000100"]
+    assert ck.latest().endswith("step_0000008")
+
+
+def test_run_with_broken_latest_marker_resumes(run_dir):  # noqa: F811
+    run_inprocess(run_dir, max_steps=4, save_every=2)
+    before = losses(run_dir / "out")
+    os.remove(run_dir / "out" / "checkpoints" / "latest")
+    run_inprocess(run_dir, max_steps=6, save_every=2)
+    after = losses(run_dir / "out")
+    assert [s for s, _ in after] == [1, 2, 3, 4, 5, 6] and after[:4] == before  # steps 1-4 not redone
+    assert sorted(os.listdir(run_dir / "out" / "checkpoints")) == ["latest", "step_0000004", "step_0000006"]
+
+
+def test_tokens_per_s_counts_real_tokens_not_padding(run_dir, monkeypatch):  # noqa: F811
+    clock = iter(range(10**6))
+    monkeypatch.setattr(sft, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    run_inprocess(run_dir, max_steps=3, eval_every=0, save_every=0)
+    rows = common.read_metrics(run_dir / "out" / "metrics.jsonl")
+    # each step's clock reads are one tick apart, so tokens_per_s is the step's count of non-padding tokens
+    for r in rows:
+        assert r["tokens_per_s"] == int(r["tokens_per_s"]) and r["tokens"] < r["tokens_per_s"] < 4 * 128
+
+
+def test_balance_experts_all_reduces_only_when_balancing(monkeypatch):
+    calls = []
+    monkeypatch.setattr(common.dist, "all_reduce", lambda t, *a, **k: calls.append(t.shape))
+    model = Model(small_config()).train()
+    two = common.Dist(world_size=2)
+    model(torch.randint(0, 101, (2, 9))).sum().backward()
+    assert common.balance_experts(model, two) > 1.0 and calls == []          # off: no collective, metric kept
+    for m in model.modules():
+        if hasattr(m, "update_correction_bias"):
+            m.cfg.moe_bias_update_rate = 1e-3
+    model(torch.randint(0, 101, (2, 9))).sum().backward()
+    common.balance_experts(model, two)
+    assert calls == [torch.Size([2, 6])]                                      # on: one all-reduce, every layer
+    bias = model.backbone.layers[2].mixer.gate.e_score_correction_bias
+    assert bias.abs().max() == pytest.approx(1e-3)
+
+
+# -- mixed precision ---------------------------------------------------------------------------------------------
+
+
+def torchrun(script, nproc=2, timeout=300):
+    import sys
+
+    from tests.test_sft import run_killing_group
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    out = run_killing_group(cmd, timeout=timeout, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+DTYPES_SCRIPT = """
+import json, sys, torch, common
+from model import Model
+from tests.conftest import small_config
+d = common.init_dist("cpu")
+torch.manual_seed(0)
+model = common.shard_model(Model(small_config()), d, bf16=True)
+seen = {}
+def record(name, tensor):
+    seen.setdefault(name, set()).add(str(tensor.dtype))
+for i, layer in enumerate(model.backbone.layers):
+    def pre(mod, args, kind=layer.kind):
+        if kind == "mamba":
+            record("A_log", mod.A_log); record("D", mod.D)
+        if kind == "moe":
+            record("gate", mod.gate.weight); record("bias", mod.gate.e_score_correction_bias)
+        if kind == "attention":
+            record("q_proj", mod.q_proj.weight)
+    layer.mixer.register_forward_pre_hook(pre)
+    if layer.kind == "mamba":       # gathered by their own (bf16) group as they are called
+        layer.mixer.in_proj.register_forward_pre_hook(lambda mod, args: record("in_proj", mod.weight))
+    if layer.kind == "moe":
+        layer.mixer.experts.register_forward_pre_hook(lambda mod, args: record("experts", mod.up_proj))
+    layer.register_forward_hook(lambda mod, args, out: record("residual", out))
+ids = torch.randint(0, 101, (2, 12))
+model.token_logprobs(ids, ids).sum().backward()
+grads = {n: str(p.grad.dtype) for n, p in model.named_parameters()}
+if d.is_main:
+    json.dump(dict(seen={k: sorted(v) for k, v in seen.items()}, grads=grads), open(sys.argv[1], "w"))
+common.close_dist()
+"""
+
+
+def test_fp32_tensors_stay_fp32_inside_the_bf16_fsdp_forward(tmp_path):
+    script = tmp_path / "dtypes.py"
+    script.write_text(DTYPES_SCRIPT.replace("sys.argv[1]", repr(str(tmp_path / "seen.json"))))
+    torchrun(str(script))
+    got = json.loads((tmp_path / "seen.json").read_text())
+    assert got["seen"] == {"A_log": ["torch.float32"], "D": ["torch.float32"], "gate": ["torch.float32"],
+                           "bias": ["torch.float32"], "in_proj": ["torch.bfloat16"],
+                           "experts": ["torch.bfloat16"], "q_proj": ["torch.bfloat16"],
+                           "residual": ["torch.bfloat16"]}
+    assert set(got["grads"].values()) == {"torch.float32"}          # the sharded master gradients
+
+
+def test_lm_head_weight_gradient_accumulates_in_fp32_at_long_t():
+    """bf16 h and W, 65536 tokens in 2048 chunks: the summed weight gradient against fp64 arithmetic on the same
+    values. A bf16 running sum over the chunks is 13% off here; fp32 accumulation leaves only the final rounding."""
+    from model import ChunkedLogprobs
+    torch.manual_seed(0)
+    N, H, V = 65536, 64, 256
+    h, W = torch.randn(N, H).bfloat16(), (torch.randn(V, H) * 0.5).bfloat16()
+    targets = torch.randint(0, V, (N,))
+    targets[::7] = -100                                                 # ignored positions carry no gradient
+    p = torch.softmax(h.double() @ W.double().T, -1)
+    dlogits = -p
+    dlogits[torch.arange(N), targets.clamp(min=0)] += 1
+    ref = (dlogits * (targets >= 0)[:, None]).T @ h.double()
+    w = W.clone().requires_grad_()
+    ChunkedLogprobs.apply(h, w, targets, 1.0, 32).sum().backward()
+    assert w.grad.dtype == torch.bfloat16
+    assert ((w.grad.double() - ref).norm() / ref.norm()).item() < 5e-3
