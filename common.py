@@ -46,10 +46,12 @@ def _convert(value, typ, key):
         return _convert(value, args[0], key)
     if origin in (tuple, list):
         items = value.split(",") if isinstance(value, str) else value
-        item_type = typing.get_args(typ)[0] if typing.get_args(typ) else str
+        item_types = [t for t in typing.get_args(typ) if t is not Ellipsis] or [str]
         if not isinstance(items, (list, tuple)):
             raise ValueError(f"--{key}: expected a comma-separated list, got {value!r}")
-        return origin(_convert(v, item_type, key) for v in items)
+        if origin is tuple and Ellipsis not in typing.get_args(typ) and len(items) != len(item_types):
+            raise ValueError(f"--{key}: expected {len(item_types)} comma-separated values, got {value!r}")
+        return origin(_convert(v, item_types[0], key) for v in items)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -82,7 +84,9 @@ def config_from_dict(cls, values: dict, source="config"):
     unknown = [k for k in values if k not in valid]
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {unknown}; valid options are: {', '.join(valid)}")
-    return cls(**{k: _convert(v, hints[k], k) for k, v in values.items()})
+    cfg = cls(**{k: _convert(v, hints[k], k) for k, v in values.items()})
+    check_config(cfg)
+    return cfg
 
 
 def parse_config(cls, argv=None, description=None):
@@ -98,7 +102,8 @@ def parse_config(cls, argv=None, description=None):
     for f in fields(cls):
         typ = hints[f.name]
         tname = getattr(typ, "__name__", str(typ)).replace("typing.", "")
-        ap.add_argument(f"--{f.name}", metavar=tname.upper(), default=None,
+        flag = dict(nargs="?", const="true") if typ is bool else {}     # a bare `--bf16` means true
+        ap.add_argument(f"--{f.name}", metavar=tname.upper(), default=None, **flag,
                         help=f"{comments.get(f.name, '')} (default: {getattr(defaults, f.name)!r})")
     args, unknown = ap.parse_known_args(argv)
     if unknown:
@@ -114,12 +119,261 @@ def parse_config(cls, argv=None, description=None):
                 raise ValueError(f"--config {args.config}: no such file") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"--config {args.config}: not valid JSON ({e})") from None
-            checked = config_from_dict(cls, preset, source=args.config)      # names and types, with the file named
-            values = {k: getattr(checked, k) for k in preset}
+            if not isinstance(preset, dict):
+                raise ValueError(f"--config {args.config}: expected a JSON object of option values")
+            hints_ = typing.get_type_hints(cls)
+            unknown = [k for k in preset if k not in hints_]
+            if unknown:
+                raise ValueError(f"--config {args.config}: unknown option(s) {unknown}; valid options are: "
+                                 f"{', '.join(f.name for f in fields(cls))}")
+            try:
+                values = {k: _convert(v, hints_[k], k) for k, v in preset.items()}
+            except ValueError as e:
+                raise ValueError(f"--config {args.config}: {e}") from None
         values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
         return config_from_dict(cls, values, source="command line")
     except ValueError as e:
         ap.error(str(e))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config checks, before any work. check_config runs on every stage's config (config_from_dict and parse_config
+# call it; each stage's main calls it again for configs built in code): the SHARED_RULES below apply to any field
+# of that name, the shared cross-field checks to the fields a stage has, then the stage's own `validate(self)`
+# adds its problems, e.g.
+#     def validate(self):
+#         return common.check_fields(self, group_size=common.at_least(1), prompt_data=common.data_source)
+# A rule takes the value and returns None (fine) or why it is wrong. Every problem is reported at once, one line
+# each, naming the option; no model is loaded and no data is read beyond a config.json.
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def at_least(lo):
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def above(lo):
+    return lambda v: None if v > lo else f"must be > {lo}"
+
+
+def in_range(lo, hi):
+    """lo <= v < hi"""
+    return lambda v: None if lo <= v < hi else f"must be in [{lo}, {hi})"
+
+
+def one_of(*choices):
+    return lambda v: None if v in choices else f"must be one of {', '.join(repr(c) for c in choices)}"
+
+
+def each(rule):
+    return lambda vs: next((f"item {v!r} {why}" for v in vs if (why := rule(v))), None)
+
+
+def optional(rule):
+    """The empty string turns the option off; anything else must pass `rule`."""
+    return lambda v: None if v == "" else rule(v)
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def looks_local(name: str) -> bool:
+    """A path, not an HF hub name (`owner/name`): it is never sent to the Hub, so a typo fails at once."""
+    return (name.startswith((".", "/", "~")) or name.endswith(DATA_SUFFIXES) or name.count("/") != 1
+            or os.sep != "/" and os.sep in name)
+
+
+def data_source(name):
+    """A local file or dataset directory that exists, or an HF hub name."""
+    if not name:
+        return "must name a JSONL/parquet file, a dataset directory or an HF hub name (owner/name)"
+    if os.path.exists(name) or not looks_local(name):
+        return None
+    return "no such file or directory (a local path, so it is not looked up on the HF hub)"
+
+
+def model_source(path):
+    """An HF checkpoint directory (config.json + safetensors) or a model config.json, read and checked."""
+    from model import ModelConfig
+    if not os.path.exists(path):
+        return "no such checkpoint directory or model config file"
+    try:
+        ModelConfig.from_path(path)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def tokenizer_source(path):
+    if not os.path.exists(path):
+        return "no such tokenizer.json or tokenizer directory"
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "tokenizer.json")):
+        return f"no tokenizer.json in directory {path}"
+    return None
+
+
+def writable_dir(path):
+    """A directory that exists and is writable, or one that can be created."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "exists and is not a directory"
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, so the directory cannot be created"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def writable_file(path):
+    """A file that can be (over)written: checked before the work whose result goes there."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return "is a directory"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else "is not writable"
+    return writable_dir(os.path.dirname(path))
+
+
+SHARED_RULES = dict(
+    model=model_source, tokenizer=optional(tokenizer_source), train_data=data_source,
+    eval_data=optional(data_source), out_dir=writable_dir,
+    lr=above(0), min_lr=at_least(0), warmup_steps=at_least(0), schedule=one_of("cosine", "constant"),
+    betas=each(in_range(0, 1)), weight_decay=at_least(0), grad_clip=at_least(0), moe_bias_update_rate=at_least(0),
+    seq_len=at_least(2), micro_batch=at_least(1), global_batch=at_least(1), epochs=above(0), max_steps=at_least(0),
+    val_fraction=in_range(0, 1), eval_per_domain=at_least(0), eval_max_new_tokens=at_least(1),
+    eval_every=at_least(0), save_every=at_least(0), keep_last=at_least(1), dist_timeout_s=above(0),
+    device=one_of("auto", "cpu", "cuda"), export_dtype=one_of("", "bfloat16", "float32"),
+)
+
+
+def check_fields(cfg, **rules):
+    """Problems ('--field=value: why') of the fields of cfg that `rules` names (field=rule)."""
+    problems = []
+    for name, rule in rules.items():
+        value = getattr(cfg, name)
+        why = rule(value)
+        if why:
+            problems.append(f"--{name}={value}: {why}")
+    return problems
+
+
+def _shared_cross_checks(cfg):
+    """Checks between fields, for the stages that have them."""
+    has = lambda *names: all(hasattr(cfg, n) for n in names)       # noqa: E731
+    problems = []
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if has("global_batch", "micro_batch") and cfg.micro_batch >= 1 and cfg.global_batch % (cfg.micro_batch * world):
+        problems.append(f"--global_batch={cfg.global_batch}: must be a multiple of micro_batch x processes = "
+                        f"{cfg.micro_batch} x {world} (e.g. --micro_batch={max(1, cfg.global_batch // world)})")
+    if has("bf16") and cfg.bf16 and "RANK" not in os.environ:
+        problems.append("--bf16: needs FSDP's mixed precision: launch with torchrun (--nproc_per_node=1 is fine)")
+    if has("device") and cfg.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device=cuda: no CUDA device is available here")
+    if has("train_data", "train_subset") and cfg.train_subset and os.path.isfile(cfg.train_data):
+        problems.append(f"--train_subset={cfg.train_subset}: applies to an HF dataset (a hub name or a "
+                        f"directory), not to the file {cfg.train_data}")
+    if has("tokenizer", "model") and not cfg.tokenizer and os.path.isfile(cfg.model):
+        problems.append(f"--tokenizer is empty but --model={cfg.model} is a config file, which has no tokenizer: "
+                        "name a tokenizer.json")
+    return problems
+
+
+def check_config(cfg):
+    """Every problem of a stage config at once (shared rules, cross-field checks, the stage's own validate()),
+    raised as one ConfigError with a line per problem."""
+    problems = check_fields(cfg, **{k: r for k, r in SHARED_RULES.items() if hasattr(cfg, k)})
+    problems += _shared_cross_checks(cfg)
+    if hasattr(cfg, "validate"):
+        problems += cfg.validate() or []
+    if problems:
+        raise ConfigError("\n  ".join([f"{type(cfg).__name__}: {len(problems)} problem(s)"] + problems))
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The out_dir of a run: one run at a time (an flock, released by the OS however the process ends), and only the
+# same stage on the same model architecture (run.json), so no run resumes from or overwrites another's checkpoints.
+
+_held_out_dirs = {}
+
+
+def claim_out_dir(out_dir, stage, model_config=None):
+    """Lock out_dir for this run (rank 0; the lock file names the holder) and check that the checkpoints already
+    in it are this stage's and this architecture's. Raises RuntimeError naming the other process or run."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    import fcntl
+    import socket
+    import sys
+    os.makedirs(out_dir, exist_ok=True)
+    key = os.path.realpath(out_dir)
+    if key not in _held_out_dirs:
+        fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RuntimeError(f"--out_dir={out_dir} is in use by {holder}; wait for that run to end or choose "
+                               "another --out_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)})".encode(), 0)
+        _held_out_dirs[key] = fd
+
+    arch = model_config.to_hf() if model_config is not None else None
+    record = os.path.join(out_dir, "run.json")
+    has_results = any(os.path.exists(os.path.join(out_dir, n)) for n in ("checkpoints", "export"))
+    previous = None
+    if os.path.exists(record):
+        with open(record) as f:
+            previous = json.load(f)
+    elif has_results and os.path.exists(os.path.join(out_dir, "export", "config.json")):
+        with open(os.path.join(out_dir, "export", "config.json")) as f:     # a run from before run.json existed
+            previous = dict(stage=stage, model=json.load(f))
+    if previous is not None and has_results:
+        if previous.get("stage") != stage:
+            raise RuntimeError(f"--out_dir={out_dir} holds a {previous.get('stage')} run's checkpoints; a {stage} "
+                               "run needs its own --out_dir")
+        if arch is not None and previous.get("model") is not None:
+            differ = sorted(k for k in arch if k not in ("torch_dtype", "dtype") and k in previous["model"]
+                            and previous["model"][k] != arch[k])
+            if differ:
+                shown = ", ".join(f"{k}: {previous['model'][k]!r} there, {arch[k]!r} now" for k in differ[:4])
+                raise RuntimeError(f"--out_dir={out_dir} holds checkpoints of another model ({shown}); resuming "
+                                   "from them cannot work: choose another --out_dir")
+    _write_atomic(record, json.dumps(dict(stage=stage, model=arch), indent=2))
+
+
+def load_eval_examples(source, option="--eval_data", per_domain=0, limit=None):
+    """Held-out examples for a score, loaded and checked before the work whose result they grade: every domain
+    has a verifier and something is left to score. per_domain keeps the first N of each domain (0 = all)."""
+    import tasks
+    examples = tasks.load_examples(source, "eval" if source == "tiny" else None, limit=limit, verbose=False)
+    ungraded = sorted({ex["domain"] for ex in examples} - set(tasks.GRADED_DOMAINS))
+    if ungraded:
+        raise ConfigError(f"{option}={source}: no verifier for domain(s) {ungraded}; graded domains are "
+                          f"{', '.join(tasks.GRADED_DOMAINS)}")
+    if per_domain:
+        taken, kept = {}, []
+        for ex in examples:
+            taken[ex["domain"]] = taken.get(ex["domain"], 0) + 1
+            if taken[ex["domain"]] <= per_domain:
+                kept.append(ex)
+        examples = kept
+    if not examples:
+        raise ConfigError(f"{option}={source}: no examples to score")
+    return examples
+
+
+def write_json_atomic(path, obj):
+    """Write a result file whole or not at all: a crash mid-write never leaves a truncated or empty one."""
+    _write_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ There is no positional encoding anywhere: the Mamba layers carry position.
 Parameter names equal the released HF checkpoint's (backbone.layers.{i}.mixer....), except that routed experts
 are stacked into [E, I, H] / [E, H, I] tensors for the grouped matmul; from_pretrained / save_pretrained convert.
 """
+import difflib
 import json
 import math
 import os
@@ -161,16 +162,76 @@ class ModelConfig:
         return d
 
     @classmethod
+    def from_path(cls, path) -> "ModelConfig":
+        """The config of an HF checkpoint directory (its config.json) or of a config.json file."""
+        return Model.config_from_pretrained(path) if os.path.isdir(path) else cls.from_json(path)
+
+    @classmethod
     def from_json(cls, path) -> "ModelConfig":
+        """A config.json, checked whole: an unknown key (a typo like `hiden_size`) or a missing field that fixes
+        a tensor shape is an error naming it, never a silent 30B default."""
         with open(path) as f:
             try:
                 d = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of config fields")
+        ours = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in ours and k not in HF_CONFIG_KEYS and not k.startswith(("_", "mtp_"))]
+        if unknown:
+            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, ours, 1, 0.8)) else k
+                     for k in unknown[:8]] + ([f"and {len(unknown) - 8} more"] if len(unknown) > 8 else [])
+            what = " (this is not a model config.json)" if len(unknown) > len(d) / 2 else ""
+            raise ValueError(f"{path}: unknown key(s) {', '.join(hints)}{what}")
+        pattern = d.get("hybrid_override_pattern") or ""
+        if not pattern and isinstance(d.get("layers_block_type"), list):      # transformers 5's spelling
+            pattern = "".join({v: k for k, v in HF_BLOCK_TYPES.items()}.get(t, "?") for t in d["layers_block_type"])
+        needed = ["vocab_size", "hidden_size"] + [k for kind, keys in SHAPE_KEYS.items() if kind in pattern
+                                                  for k in keys]
+        missing = [k for k in needed if d.get(k) is None]
+        if not pattern:
+            missing.insert(0, "hybrid_override_pattern")
+        if missing:
+            raise ValueError(f"{path}: missing field(s) {', '.join(missing)} (no defaults: they fix the model's "
+                             "shapes; see configs/tiny_model.json)")
         try:
             return cls.from_hf(d)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+# The fields a config.json must set for each layer kind in its pattern (they fix tensor shapes).
+SHAPE_KEYS = {"M": ["mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups"],
+              "*": ["num_attention_heads", "num_key_value_heads", "head_dim"],
+              "E": ["n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"],
+              "-": ["intermediate_size"]}
+# Keys an HF NemotronH config.json may hold that ModelConfig does not use (transformers' NemotronHConfig and
+# PretrainedConfig fields): accepted and ignored. Anything else is refused as a likely typo.
+HF_CONFIG_KEYS = set("""
+    architectures model_type torch_dtype dtype transformers_version auto_map num_hidden_layers layers_block_type
+    attention_bias attention_dropout hidden_dropout expand mamba_proj_bias mamba_ssm_cache_dtype residual_in_fp32
+    sliding_window use_cache use_mamba_kernels moe_latent_size moe_shared_expert_overlap num_logits_to_keep
+    num_nextn_predict_layers output_router_logits router_aux_loss_coef rope_theta rope_scaling hidden_act
+    return_dict output_hidden_states output_attentions torchscript use_bfloat16 tf_legacy_loss pruned_heads
+    chunk_size_feed_forward is_encoder_decoder is_decoder cross_attention_hidden_size add_cross_attention
+    tie_encoder_decoder max_length min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty
+    temperature top_k top_p typical_p repetition_penalty length_penalty no_repeat_ngram_size
+    encoder_no_repeat_ngram_size bad_words_ids num_return_sequences output_scores return_dict_in_generate
+    forced_bos_token_id forced_eos_token_id remove_invalid_values exponential_decay_length_penalty suppress_tokens
+    begin_suppress_tokens finetuning_task id2label label2id tokenizer_class prefix sep_token_id
+    decoder_start_token_id task_specific_params problem_type quantization_config
+""".split())
+
+
+def _open_safetensors(file, device):
+    """safe_open, with an error that names the file when it is missing, truncated or corrupt."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(file, framework="pt", device=device)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e}); it is missing, truncated or corrupt: "
+                         "export or download it again") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -731,7 +792,16 @@ class Model(nn.Module):
     def config_from_pretrained(path, moe_impl=None) -> "ModelConfig":
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{cfg_path}: no config.json in checkpoint directory {path}")
+            hint = ""
+            if os.path.exists(os.path.join(path, "export", "config.json")):        # a stage's out_dir
+                hint = f"; the run's HF export is {os.path.join(path, 'export')}"
+            elif os.path.exists(os.path.join(path, "trainer_state.json")) or os.path.basename(
+                    os.path.normpath(path)) == "checkpoints":                       # a training checkpoint
+                run_dir = os.path.dirname(os.path.normpath(path))
+                run_dir = os.path.dirname(run_dir) if os.path.basename(run_dir) == "checkpoints" else run_dir
+                hint = (f"; {path} is a training checkpoint (sharded model + optimizer for resuming), not a model: "
+                        f"load the run's HF export, {os.path.join(run_dir, 'export')}")
+            raise FileNotFoundError(f"{cfg_path}: no config.json in checkpoint directory {path}{hint}")
         config = ModelConfig.from_json(cfg_path)
         if moe_impl is not None:
             config.moe_impl = moe_impl
@@ -765,8 +835,6 @@ class Model(nn.Module):
         Works on an FSDP2-sharded model too (built on meta, fully_shard-ed, to_empty-ed): each process then reads
         from disk only the rows of its own shard (dim 0, as fully_shard splits it), and only its own experts.
         """
-        from safetensors import safe_open
-
         ours = dict(self.state_dict(keep_vars=True))
         # hf name -> (our tensor, expert index or None, the released tensor's global shape)
         targets = {hf_name: (ours[name], e, tuple(ours[name].shape[1:] if e is not None else ours[name].shape))
@@ -775,7 +843,11 @@ class Model(nn.Module):
         index_path = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index_path):
             with open(index_path) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+                try:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                    raise ValueError(f"{index_path}: not a safetensors index (no readable weight_map: "
+                                     f"{type(e).__name__} {e})") from None
         elif os.path.exists(os.path.join(path, "model.safetensors")):
             shards = ["model.safetensors"]
         else:
@@ -784,7 +856,7 @@ class Model(nn.Module):
         seen, unexpected, misshaped = set(), [], []
         device = str(self.lm_head.weight.device)
         for shard in shards:
-            with safe_open(os.path.join(path, shard), framework="pt", device=device) as f:
+            with _open_safetensors(os.path.join(path, shard), device) as f:
                 for name in f.keys():
                     if name.startswith("mtp."):          # multi-token-prediction head: not used here
                         continue

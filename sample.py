@@ -426,7 +426,9 @@ def _pick_dtype(name, device):
 def _reply(model, tokenizer, messages, args, thinking, seed=None):
     """Stream one assistant turn; return its text (stop token dropped) and the completion."""
     from tokenizer import encode_prompt
-    prompt = encode_prompt(tokenizer, messages, thinking=thinking)
+    prompt = _fit_context(encode_prompt(tokenizer, messages, thinking=thinking), args)
+    if len(prompt) > 4096:
+        print(f"[prefilling {len(prompt)} prompt tokens]", file=sys.stderr, flush=True)
     streamer = _Streamer(tokenizer, thinking, tokenizer.stop_token_ids)
     t0 = time.perf_counter()
     c = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -436,6 +438,24 @@ def _reply(model, tokenizer, messages, args, thinking, seed=None):
     print(f"[{len(c.tokens)} tokens, {len(c.tokens) / dt:.1f} tokens/s, finish: {c.finish_reason}]",
           file=sys.stderr, flush=True)
     return response_text(tokenizer, c, thinking), c
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+def _fit_context(prompt, args):
+    """The prompt, if it and --max-new-tokens fit the model's context; else refused (PromptTooLong) or, with
+    --long-prompt cut, its oldest tokens dropped with a warning."""
+    room = args.context - args.max_new_tokens
+    if len(prompt) <= room:
+        return prompt
+    what = (f"the prompt has {len(prompt)} tokens; with --max-new-tokens {args.max_new_tokens} the model's context "
+            f"of {args.context} leaves room for {max(room, 0)}")
+    if args.long_prompt == "refuse" or room < 1:
+        raise PromptTooLong(f"{what}: shorten it, lower --max-new-tokens, or pass --long-prompt cut")
+    print(f"warning: {what}; cutting its first {len(prompt) - room} tokens", file=sys.stderr, flush=True)
+    return prompt[-room:]
 
 
 def _history_entry(text):
@@ -452,12 +472,19 @@ def chat(model, tokenizer, args):
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(f"chat ({'thinking' if thinking else 'non-thinking'} mode). /reset clears the history, /exit or "
           f"Ctrl-D quits.", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):       # undecodable bytes arrive as surrogates instead of ending the chat
+        sys.stdin.reconfigure(errors="surrogateescape")
     for turn in itertools.count():
         try:
             line = input("> ")
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            print("[that line is not valid UTF-8 (check the terminal's encoding); type it again]", file=sys.stderr)
+            continue
         if line.strip() in ("/exit", "/quit"):
             return
         if line.strip() == "/reset":
@@ -471,6 +498,10 @@ def chat(model, tokenizer, args):
             text, _ = _reply(model, tokenizer, messages, args, thinking, seed)
         except KeyboardInterrupt:
             print("\n[interrupted]", file=sys.stderr)
+            messages.pop()
+            continue
+        except PromptTooLong as e:
+            print(f"[{e}; /reset clears the history]", file=sys.stderr)
             messages.pop()
             continue
         messages.append(_history_entry(text))
@@ -498,24 +529,53 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     ap.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per response at most")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (-1 = unseeded)")
-    ap.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto = cuda if available, else cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="auto = bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--long-prompt", default="refuse", choices=["refuse", "cut"],
+                    help="a prompt that does not fit the model's context (max_position_embeddings) with "
+                         "--max-new-tokens: refuse it, or cut its oldest tokens with a warning")
     args = ap.parse_args(argv)
     if args.seed is not None and args.seed < 0:
         args.seed = None
 
+    # every argument, the checkpoint's config, the eval file and --out are checked before the model loads
+    import common
+    from model import ModelConfig
     from tokenizer import load_tokenizer
+    for name, value, lowest in (("--n", args.n, 1), ("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                                ("--max-new-tokens", args.max_new_tokens, 1), ("--top-k", args.top_k, 0),
+                                ("--temperature", args.temperature, 0)):
+        if value is not None and not value >= lowest:
+            ap.error(f"{name} {value}: must be >= {lowest}")
+    if not 0 < args.top_p <= 1:
+        ap.error(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available here")
+    try:
+        config = ModelConfig.from_path(args.ckpt)
+        if args.tokenizer and (why := common.tokenizer_source(args.tokenizer)):
+            raise ValueError(f"--tokenizer {args.tokenizer}: {why}")
+        examples = common.load_eval_examples(args.eval, "--eval", limit=args.limit) if args.eval else None
+        if args.eval and args.out and (why := common.writable_file(args.out)):
+            raise ValueError(f"--out {args.out}: {why}")
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
+    args.context = config.max_position_embeddings
+
     device = _pick_device(args.device)
-    model = Model.from_pretrained(args.ckpt, dtype=_pick_dtype(args.dtype, device), device=device).eval()
-    tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
+    try:
+        model = Model.from_pretrained(args.ckpt, dtype=_pick_dtype(args.dtype, device), device=device).eval()
+        tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
     if tokenizer.vocab_size > model.config.vocab_size:
         print(f"warning: tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}",
               file=sys.stderr)
 
     if args.eval:
         import tasks
-        examples = tasks.load_examples(args.eval, "eval" if args.eval == "tiny" else None, limit=args.limit)
         if args.n > 1 and args.temperature == 0:
             print("warning: --n > 1 with --temperature 0 samples the same response n times", file=sys.stderr)
         result = evaluate(model, tokenizer, examples, n=args.n, max_new_tokens=args.max_new_tokens,
@@ -528,14 +588,16 @@ def main(argv=None):
               f"{g['truncated']:.1%} cut at --max-new-tokens, {g['seconds']:.1f} s")
         result["ckpt"], result["eval_file"] = os.path.abspath(args.ckpt), os.path.abspath(args.eval)
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2, default=str)
+            common.write_json_atomic(args.out, result)
             print(f"wrote {args.out}")
         return result
     thinking = not args.no_think
     if args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        _reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args, thinking, args.seed)
+        try:
+            _reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args, thinking, args.seed)
+        except PromptTooLong as e:
+            ap.error(f"--prompt: {e}")
         return None
     chat(model, tokenizer, args)
     return None

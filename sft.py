@@ -13,7 +13,6 @@ few minutes; `configs/sft_nano_30b.json` holds the paper's settings for the real
 A run writes to out_dir: metrics.jsonl, curves.png, checkpoints/ (sharded, resumable: rerun the same command
 and it continues from the latest complete checkpoint), export/ (HF format + tokenizer) and eval.json.
 """
-import collections
 import math
 import os
 import signal
@@ -178,9 +177,19 @@ def load_tokenizer_for(cfg):
 
 
 def main(cfg: SFTConfig):
+    # every option, the held-out set and the out_dir are checked before any work (parse_config checked the
+    # options already; a config built in code is checked here)
+    common.check_config(cfg)
+    eval_examples = (common.load_eval_examples(cfg.eval_data, "--eval_data", cfg.eval_per_domain)
+                     if cfg.eval_data else None)
+    model_config = ModelConfig.from_path(cfg.model)
+    common.claim_out_dir(cfg.out_dir, "sft", model_config)
     d = common.init_dist(cfg.device, cfg.dist_timeout_s)
     common.seed_everything(cfg.seed)
     tokenizer = load_tokenizer_for(cfg)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f"--tokenizer {cfg.tokenizer or cfg.model} has {tokenizer.vocab_size} tokens but the "
+                         f"model's vocab_size is {model_config.vocab_size}")
 
     # data: hold out a validation slice, tokenize, pack
     examples = tasks.load_examples(cfg.train_data, split=cfg.train_split, config=cfg.train_subset or None,
@@ -194,6 +203,10 @@ def main(cfg: SFTConfig):
     train = pack(tokenize(train_ex, tokenizer, cfg.thinking), cfg.seq_len, tokenizer.pad_id)
     val = pack(tokenize(val_ex, tokenizer, cfg.thinking), cfg.seq_len, tokenizer.pad_id) if val_ex else None
     num_rows = len(train[0])
+    if not train_ex or not (train[1] >= 0).any():
+        raise ValueError(f"--train_data {cfg.train_data}: nothing to train on: " + (
+            f"--val_fraction={cfg.val_fraction} holds out all {len(examples)} examples" if not train_ex else
+            f"no assistant token is left within --seq_len={cfg.seq_len} tokens of any row; raise --seq_len"))
 
     per_step = d.world_size * cfg.micro_batch
     if cfg.global_batch % per_step:
@@ -204,9 +217,6 @@ def main(cfg: SFTConfig):
 
     # model, sharding, optimizer
     model = build_model(cfg, d)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}")
     optimizer = common.make_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay)
     ckpt = common.Checkpointer(cfg.out_dir, d, keep_last=cfg.keep_last)
     start_step, latest = 0, ckpt.latest()
@@ -285,6 +295,8 @@ def main(cfg: SFTConfig):
 
     # export, plot, and score the result per domain
     export_dir = os.path.join(cfg.out_dir, "export")
+    if d.is_main:
+        print(f"sft: exporting to {export_dir}", flush=True)
     common.export_hf(model, tokenizer, export_dir, d,
                      dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
     common.close_dist()         # the other processes are done: they exit now instead of waiting on rank 0's eval
@@ -292,32 +304,23 @@ def main(cfg: SFTConfig):
         common.plot_metrics(log.path, os.path.join(cfg.out_dir, "curves.png"),
                             ["loss", "val_loss", "grad_norm", "lr", "tokens_per_s"])
         print(f"sft: exported {export_dir}")
-        if cfg.eval_data:
-            score_export(export_dir, cfg.eval_data, cfg.eval_per_domain, cfg.eval_max_new_tokens, cfg.thinking,
+        if eval_examples:
+            score_export(export_dir, eval_examples, cfg.eval_max_new_tokens, cfg.thinking,
                          os.path.join(cfg.out_dir, "eval.json"), d.device, cfg.seed)
     return model
 
 
-def score_export(export_dir, eval_data, per_domain, max_new_tokens, thinking, out_json, device, seed):
-    """Greedy per-domain pass@1 of an exported checkpoint on held-out tasks; prints the table, writes JSON."""
-    import json
-
+def score_export(export_dir, examples, max_new_tokens, thinking, out_json, device, seed):
+    """Greedy per-domain pass@1 of an exported checkpoint on held-out examples (common.load_eval_examples);
+    prints the table, writes JSON whole or not at all."""
     import sample
     model = Model.from_pretrained(export_dir, dtype=torch.float32, device=device).eval()
     tok = load_tokenizer(export_dir)
-    examples = tasks.load_examples(eval_data, verbose=False)
-    if per_domain:                                           # the first per_domain examples of each domain
-        taken, kept = collections.Counter(), []
-        for ex in examples:
-            taken[ex["domain"]] += 1
-            if taken[ex["domain"]] <= per_domain:
-                kept.append(ex)
-        examples = kept
+    print(f"sft: scoring {export_dir} on {len(examples)} held-out examples", flush=True)
     scores = sample.evaluate(model, tok, examples, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
-                             thinking=thinking, seed=seed)
+                             thinking=thinking, seed=seed, progress=True)
     print(tasks.format_score_table(scores))
-    with open(out_json, "w") as f:
-        json.dump(scores, f, indent=2)
+    common.write_json_atomic(out_json, scores)
     return scores
 
 

@@ -147,7 +147,13 @@ class Tokenizer:
 def load_tokenizer(path=DEFAULT_TOKENIZER_PATH) -> Tokenizer:
     """A tokenizer.json file or an HF model directory; the tiny shipped tokenizer by default."""
     path = Path(path)
-    return Tokenizer.from_pretrained(path) if path.is_dir() else Tokenizer.from_file(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such tokenizer file")
+    try:
+        return Tokenizer.from_pretrained(path) if path.is_dir() else Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+        raise ValueError(f"{file}: not a readable tokenizer ({str(e).splitlines()[0][:200]})") from None
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 2048) -> Tokenizer:

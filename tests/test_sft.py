@@ -236,16 +236,18 @@ def test_bad_options_and_data_give_named_errors(run_dir, capsys):
         common.parse_config(sft.SFTConfig, [f"--config={run_dir / 'preset.json'}"])
     assert "nope" in capsys.readouterr().err
 
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(SystemExit):                                     # caught by the config check, up front
         run_inprocess(run_dir, train_data=run_dir / "missing.jsonl")
+    assert "--train_data" in capsys.readouterr().err
     bad = run_dir / "bad.jsonl"
     lines = (run_dir / "sft.jsonl").read_text().splitlines()
     lines[2] = json.dumps({"domain": "math", "answer": "1"})              # no messages
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl.*3"):
         run_inprocess(run_dir, train_data=bad)
-    with pytest.raises(ValueError, match="global_batch"):
+    with pytest.raises(SystemExit):
         run_inprocess(run_dir, global_batch=3)
+    assert "--global_batch=3" in capsys.readouterr().err
 
 
 def test_config_precedence_and_help_lists_every_field(run_dir, capsys):
