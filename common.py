@@ -197,11 +197,13 @@ def data_source(name):
 
 def model_source(path):
     """An HF checkpoint directory (config.json + safetensors) or a model config.json, read and checked."""
-    from model import ModelConfig
+    from model import ModelConfig, safetensors_shards
     if not os.path.exists(path):
         return "no such checkpoint directory or model config file"
     try:
         ModelConfig.from_path(path)
+        if os.path.isdir(path):
+            safetensors_shards(path, check=True)
     except (OSError, ValueError) as e:
         return str(e)
     return None
@@ -278,6 +280,10 @@ def _shared_cross_checks(cfg):
     if has("train_data", "train_subset") and cfg.train_subset and os.path.isfile(cfg.train_data):
         problems.append(f"--train_subset={cfg.train_subset}: applies to an HF dataset (a hub name or a "
                         f"directory), not to the file {cfg.train_data}")
+    if has("train_data", "train_split") and os.path.isfile(cfg.train_data) and \
+            cfg.train_split != type(cfg).__dataclass_fields__["train_split"].default:
+        problems.append(f"--train_split={cfg.train_split}: applies to an HF dataset (a hub name or a directory), "
+                        f"not to the file {cfg.train_data}")
     if has("tokenizer", "model") and not cfg.tokenizer and os.path.isfile(cfg.model):
         problems.append(f"--tokenizer is empty but --model={cfg.model} is a config file, which has no tokenizer: "
                         "name a tokenizer.json")
@@ -325,8 +331,16 @@ def claim_out_dir(out_dir, stage, model_config=None):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)})".encode(), 0)
         _held_out_dirs[key] = fd
+    try:
+        _check_run_record(out_dir, stage, model_config.to_hf() if model_config is not None else None)
+    except RuntimeError:
+        release_out_dir(out_dir)
+        raise
 
-    arch = model_config.to_hf() if model_config is not None else None
+
+def _check_run_record(out_dir, stage, arch):
+    """out_dir/run.json names the stage and model architecture of the checkpoints beside it: a run of another
+    stage or architecture stops here (rather than with a size mismatch while resuming); otherwise it is written."""
     record = os.path.join(out_dir, "run.json")
     has_results = any(os.path.exists(os.path.join(out_dir, n)) for n in ("checkpoints", "export"))
     previous = None
@@ -354,6 +368,8 @@ def load_eval_examples(source, option="--eval_data", per_domain=0, limit=None):
     """Held-out examples for a score, loaded and checked before the work whose result they grade: every domain
     has a verifier and something is left to score. per_domain keeps the first N of each domain (0 = all)."""
     import tasks
+    if source != "tiny" and (why := data_source(source)):
+        raise ConfigError(f"{option}={source}: {why}")
     examples = tasks.load_examples(source, "eval" if source == "tiny" else None, limit=limit, verbose=False)
     ungraded = sorted({ex["domain"] for ex in examples} - set(tasks.GRADED_DOMAINS))
     if ungraded:
@@ -369,6 +385,13 @@ def load_eval_examples(source, option="--eval_data", per_domain=0, limit=None):
     if not examples:
         raise ConfigError(f"{option}={source}: no examples to score")
     return examples
+
+
+def release_out_dir(out_dir):
+    """End of a run: let the next one into out_dir (the OS also releases the lock when the process ends)."""
+    fd = _held_out_dirs.pop(os.path.realpath(out_dir), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def write_json_atomic(path, obj):

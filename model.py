@@ -224,6 +224,29 @@ HF_CONFIG_KEYS = set("""
 """.split())
 
 
+def safetensors_shards(path, check=False):
+    """The safetensors file names of an HF checkpoint directory (one file, or the shards its index names). With
+    check=True every file's header is opened and read (cheap: no tensor data), so a missing, truncated or
+    corrupt file is named before any work."""
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            try:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index_path}: not a safetensors index (no readable weight_map: "
+                                 f"{type(e).__name__} {e})") from None
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    if check:
+        for shard in shards:
+            with _open_safetensors(os.path.join(path, shard), "cpu"):
+                pass
+    return shards
+
+
 def _open_safetensors(file, device):
     """safe_open, with an error that names the file when it is missing, truncated or corrupt."""
     from safetensors import SafetensorError, safe_open
@@ -840,19 +863,7 @@ class Model(nn.Module):
         targets = {hf_name: (ours[name], e, tuple(ours[name].shape[1:] if e is not None else ours[name].shape))
                    for hf_name, name, e in self.hf_layout(ours)}
 
-        index_path = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                try:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                    raise ValueError(f"{index_path}: not a safetensors index (no readable weight_map: "
-                                     f"{type(e).__name__} {e})") from None
-        elif os.path.exists(os.path.join(path, "model.safetensors")):
-            shards = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-
+        shards = safetensors_shards(path)
         seen, unexpected, misshaped = set(), [], []
         device = str(self.lm_head.weight.device)
         for shard in shards:

@@ -542,7 +542,7 @@ def main(argv=None):
 
     # every argument, the checkpoint's config, the eval file and --out are checked before the model loads
     import common
-    from model import ModelConfig
+    from model import ModelConfig, safetensors_shards
     from tokenizer import load_tokenizer
     for name, value, lowest in (("--n", args.n, 1), ("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
                                 ("--max-new-tokens", args.max_new_tokens, 1), ("--top-k", args.top_k, 0),
@@ -553,8 +553,11 @@ def main(argv=None):
         ap.error(f"--top-p {args.top_p}: must be in (0, 1]")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available here")
+    if not os.path.isdir(args.ckpt):
+        ap.error(f"--ckpt {args.ckpt}: no such directory (an HF export: config.json, safetensors, tokenizer.json)")
     try:
         config = ModelConfig.from_path(args.ckpt)
+        safetensors_shards(args.ckpt, check=True)
         if args.tokenizer and (why := common.tokenizer_source(args.tokenizer)):
             raise ValueError(f"--tokenizer {args.tokenizer}: {why}")
         examples = common.load_eval_examples(args.eval, "--eval", limit=args.limit) if args.eval else None

@@ -307,6 +307,7 @@ def main(cfg: SFTConfig):
         if eval_examples:
             score_export(export_dir, eval_examples, cfg.eval_max_new_tokens, cfg.thinking,
                          os.path.join(cfg.out_dir, "eval.json"), d.device, cfg.seed)
+    common.release_out_dir(cfg.out_dir)
     return model
 
 

@@ -245,6 +245,12 @@ def _check_example(example: dict, where: str):
         if not isinstance(m.get("content"), str):
             kind = type(m.get("content")).__name__
             raise ExampleError(where, f"messages[{i}].content", f"expected a string, got {kind}")
+        if not m["content"].isascii():
+            try:
+                m["content"].encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): no tokenizer can encode it
+                raise ExampleError(where, f"messages[{i}].content", f"invalid character "
+                                   f"{m['content'][e.start]!r} at offset {e.start} (not encodable as UTF-8)") from None
 
     verifier = _verifiers().get(domain)
     if verifier is not None:  # a graded domain checks its own fields; others (e.g. "sft/chat") need none
