@@ -1,14 +1,14 @@
 """
 Generates the shipped tiny tasks and the tiny tokenizer:
 
-    data/sft.jsonl   prompts with a thinking-mode answer:  <think>\\nshort trace\\n</think>\\nanswer
+    data/sft.jsonl   prompts with a thinking-mode answer:  <think>\\nshort trace\\n</think>\\nanswer (or a tool call)
     data/rl.jsonl    prompts only (RL and MOPD sample their own answers)
     data/eval.jsonl  held-out prompts only, for evaluation
     data/tokenizer.json  byte-level BPE, 2048 tokens, trained on the rendered SFT conversations
 
-Five domains, one "domain" field per row (the schema of tasks.py). Each is small enough for a few-million-parameter
-model with a 256-token context to learn on a CPU in minutes, and has a knob that keeps some of it out of reach
-after SFT, which is what RL is for:
+Six domains, one "domain" field per row (the schema of tasks/). Each is small enough for a few-million-parameter
+model to learn on a CPU in minutes (a 256-token context; 512 for tool, whose prompt carries the tool specs), and
+has a knob that keeps some of it out of reach after SFT, which is what RL is for:
 
     math  arithmetic word problems; the answer in \\boxed{}; one or two steps, numbers up to three digits
     if    "write a sentence about X" under one or two IFEval constraints (case, ending phrase, keyword, word or
@@ -18,6 +18,10 @@ after SFT, which is what RL is for:
     json  an object following a small schema (2-4 fields drawn from a kind's fields) with values from the prompt
     code  tiny stdin -> stdout Python programs (sum, max, reverse, count, ...), with a parameter (an offset, a
           repeat count, a divisor) that changes per problem; 3 tests each
+    tool  one or two of five small tools offered (calculate, convert, lookup in a tiny city table, weekday,
+          weather): call the right one with arguments from the question (a date rewritten as YYYY-MM-DD, a unit
+          name as its symbol, two cities as two parallel calls), or answer in prose when no offered tool fits;
+          some SFT rows go on with the tool's result and the final answer
 
 Splits are disjoint by prompt text. Every example's reference answer is checked with tasks.reward (code runs in
 the sandbox) before it is written: every shipped prompt is solvable, every SFT answer scores 1.
@@ -26,6 +30,7 @@ the sandbox) before it is written: every shipped prompt is solvable, every SFT a
 """
 
 import argparse
+import datetime
 import json
 import random
 import string
@@ -38,6 +43,7 @@ import tasks  # noqa: E402
 
 COUNTS = {"sft": 1000, "rl": 400, "eval": 100}  # per domain
 CODE_COUNTS = {"sft": 600, "rl": 200, "eval": 100}  # code has fewer distinct problems (family x parameter)
+TOOL_COUNTS = {"sft": 700, "rl": 400, "eval": 100}  # tool examples are 3-4 times longer (the tools in the prompt)
 
 # -----------------------------------------------------------------------------
 # math: arithmetic word problems
@@ -421,15 +427,137 @@ def make_code(rng):
 
 
 # -----------------------------------------------------------------------------
+# tool: pick the right function from the offered tools and fill its arguments from the question (or answer in
+# prose when no offered tool fits); some SFT rows also show the tool's result and the final answer
+
+def _fn(name, description, properties, required):
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": required}}}
+
+
+TOOLS = {  # small specs: the official template spends about 200 tokens on its tool-use reminder alone
+    "calculate": _fn("calculate", "Evaluate one arithmetic operation.", {
+        "expression": {"type": "string", "description": "like 12 * 30"}}, ["expression"]),
+    "convert": _fn("convert", "Convert between km, mi, m, ft, kg and lb.", {
+        "value": {"type": "number"}, "source": {"type": "string"}, "target": {"type": "string"}},
+        ["value", "source", "target"]),
+    "lookup": _fn("lookup", "The country, population or mayor of a city.", {
+        "city": {"type": "string"}, "fact": {"type": "string"}}, ["city", "fact"]),
+    "weekday": _fn("weekday", "The weekday of a date.", {"date": {"type": "string", "description": "YYYY-MM-DD"}},
+                   ["date"]),
+    "weather": _fn("weather", "Today's weather.", {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"}},
+        ["city"]),
+}
+OPERATIONS = {"add": ("plus", "+"), "subtract": ("minus", "-"), "multiply": ("times", "*"), "divide": ("divided by", "/")}
+UNITS = {"km": "kilometers", "mi": "miles", "m": "meters", "ft": "feet", "kg": "kilograms", "lb": "pounds"}
+UNIT_PAIRS = [("km", "mi"), ("mi", "km"), ("m", "ft"), ("ft", "m"), ("kg", "lb"), ("lb", "kg")]
+PER_UNIT = {"km": 1000.0, "mi": 1609.344, "m": 1.0, "ft": 0.3048, "kg": 1.0, "lb": 0.45359237}
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+CHAT = [("Say hello to {}.", "Hello, {}!"), ("Write a short thank-you note to {}.", "Thank you, {}, for your help."),
+        ("Wish {} a happy birthday.", "Happy birthday, {}!"), ("Tell {} to have a nice trip.", "Have a nice trip, {}!")]
+
+
+def build_city_table(seed):
+    """The tiny fact table behind lookup: invented cities with a country, a population and a mayor."""
+    rng = random.Random(seed + 2000)
+    cities = _invented_names(rng, 30)
+    return {c: {"country": rng.choice(_invented_names(rng, 12)), "population": rng.randint(20, 990) * 1000,
+                "mayor": rng.choice(NAMES)} for c in cities}
+
+
+def _tool_task(rng, city_table):
+    """One question: (tool name, question, calls, results, trace, final answer)."""
+    kind = rng.choice(["calculate", "calculate", "convert", "lookup", "weekday", "weather"])
+    if kind == "calculate":
+        operation = rng.choice(sorted(OPERATIONS))
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        if operation == "divide":
+            a = a * b
+        word, symbol = OPERATIONS[operation]
+        q = rng.choice([f"What is {a} {word} {b}?", f"Please compute {a} {symbol} {b}."])
+        result = {"add": a + b, "subtract": a - b, "multiply": a * b, "divide": a // b}[operation]
+        return (kind, q, [{"name": kind, "arguments": {"expression": f"{a} {symbol} {b}"}}], [result],
+                f"calculate can {operation} {a} and {b}.", f"{a} {symbol} {b} = {result}.")
+    if kind == "convert":
+        source, target = rng.choice(UNIT_PAIRS)
+        value = rng.randint(1, 500)
+        q = rng.choice([f"Convert {value} {UNITS[source]} to {UNITS[target]}.",
+                        f"How many {UNITS[target]} is {value} {UNITS[source]}?"])
+        result = round(value * PER_UNIT[source] / PER_UNIT[target], 2)
+        return (kind, q, [{"name": kind, "arguments": {"value": value, "source": source, "target": target}}],
+                [result], f"convert takes {UNITS[source]} as {source} and {UNITS[target]} as {target}.",
+                f"{value} {UNITS[source]} is {result} {UNITS[target]}.")
+    if kind == "lookup":
+        city = rng.choice(sorted(city_table))
+        fact = rng.choice(["country", "population", "mayor"])
+        q = {"country": f"Which country is {city} in?", "population": f"How many people live in {city}?",
+             "mayor": f"Who is the mayor of {city}?"}[fact]
+        value = city_table[city][fact]
+        return (kind, q, [{"name": kind, "arguments": {"city": city, "fact": fact}}], [value],
+                f"lookup has the {fact} of {city}.", f"The {fact} of {city} is {value}.")
+    if kind == "weekday":
+        day = datetime.date(2020, 1, 1) + datetime.timedelta(days=rng.randint(0, 3000))
+        spoken = rng.choice([day.isoformat(), f"{MONTHS[day.month - 1]} {day.day}, {day.year}"])
+        q = rng.choice([f"What day of the week is {spoken}?", f"Which weekday was {spoken}?"])
+        weekday = day.strftime("%A")
+        return (kind, q, [{"name": kind, "arguments": {"date": day.isoformat()}}], [weekday],
+                f"weekday needs the date as {day.isoformat()}.", f"{spoken} is a {weekday}.")
+    cities = rng.sample(CITIES, rng.choice([1, 1, 1, 2]))  # weather; two cities: two parallel calls
+    unit = rng.choice(["celsius", "celsius", "fahrenheit"])
+    said = " and in ".join(cities)
+    q = f"What is the weather in {said}" + (" in fahrenheit?" if unit == "fahrenheit" else "?")
+    calls = [{"name": kind, "arguments": {"city": c} | ({"unit": unit} if unit == "fahrenheit" else {})}
+             for c in cities]
+    temps = [rng.randint(-5, 35) for _ in cities]
+    results = [{"city": c, "temperature": t if unit == "celsius" else round(t * 9 / 5 + 32), "unit": unit}
+               for c, t in zip(cities, temps)]
+    final = " ".join(f"In {r['city']} it is {r['temperature']} degrees {unit}." for r in results)
+    return (kind, q, calls, results, f"weather, once per city: {', '.join(cities)}.", final)
+
+
+def make_tool(rng, city_table):
+    """(example, None, turns): turns are the SFT continuation, the call turn and maybe the result and answer.
+    The prompt offers one tool, or two (the second a small one: two large specs would not fit the tiny context)."""
+    second = rng.random() < 0.3
+    if rng.random() < 0.2:  # no offered tool fits: answer in prose
+        if rng.random() < 0.5:
+            ask, reply = rng.choice(CHAT)
+            name = rng.choice(NAMES)
+            q, trace, final, missing = ask.format(name), "No tool is needed to answer this.", reply.format(name), None
+        else:
+            missing, q, _, _, _, _ = _tool_task(rng, city_table)
+            trace, final = f"The question needs {missing}, which I do not have.", "I cannot answer that with my tools."
+        offered = [rng.choice([t for t in sorted(TOOLS) if t != missing])]
+        calls, turns = [], [{"role": "assistant", "content": f"<think>\n{trace}\n</think>\n{final}"}]
+    else:
+        missing, (kind, q, calls, results, trace, final) = None, _tool_task(rng, city_table)
+        offered = [kind]
+        turns = [{"role": "assistant", "content": f"<think>\n{trace}\n</think>", "tool_calls": calls}]
+        if not second and rng.random() < 0.6:  # the tool's result and the final answer
+            turns += [{"role": "tool", "content": json.dumps(r) if isinstance(r, dict) else str(r)} for r in results]
+            said = ", ".join(str(r["temperature"]) if isinstance(r, dict) else str(r) for r in results)
+            turns.append({"role": "assistant", "content": f"<think>\nThe tool says {said}.\n</think>\n{final}"})
+    small = [t for t in ("calculate", "weekday") if t not in offered and t != missing]
+    if second and small and len(calls) < 2:
+        offered.append(rng.choice(small))
+        rng.shuffle(offered)
+    example = {"domain": "tool", "messages": [{"role": "user", "content": q}], "tools": [TOOLS[t] for t in offered],
+               "tool_calls": [calls]}
+    return example, None, turns
+
+
+# -----------------------------------------------------------------------------
 # Putting it together
 
 def generate(seed: int):
-    fact_base = build_fact_base(seed)
+    fact_base, city_table = build_fact_base(seed), build_city_table(seed)
     makers = {"math": make_math, "if": make_if, "mcqa": lambda r: make_mcqa(r, fact_base),
-              "json": make_json, "code": make_code}
+              "json": make_json, "code": make_code, "tool": lambda r: make_tool(r, city_table)}
     splits = {name: [] for name in COUNTS}
     for domain, make in makers.items():
-        counts = CODE_COUNTS if domain == "code" else COUNTS
+        counts = {"code": CODE_COUNTS, "tool": TOOL_COUNTS}.get(domain, COUNTS)
         total = sum(counts.values())
         rng = random.Random(f"{seed}:{domain}")
         pool, seen, rejected, attempts = [], set(), 0, 0
@@ -442,22 +570,25 @@ def generate(seed: int):
             if prompt in seen:
                 continue
             seen.add(prompt)
-            response = f"<think>\n{trace}\n</think>\n{answer}"
+            # what SFT appends: the answer turn (tool: the call, and maybe the tool's result and the final answer)
+            turns = answer if domain == "tool" else [
+                {"role": "assistant", "content": f"<think>\n{trace}\n</think>\n{answer}"}]
             # a reference answer that fails its own verifier (e.g. langdetect calls a short all-caps sentence
             # something other than English) would teach the wrong thing: drop the example
-            if domain != "code" and tasks.reward(example, response) != 1.0:
+            graded = graded_turns(example, turns)
+            if domain != "code" and not all(tasks.reward(e, completion) == 1.0 for e, completion in graded):
                 rejected += 1
                 continue
-            pool.append((example, response))
+            pool.append((example, turns))
         if domain == "code":
             verify_code(pool)
         print(f"{domain}: {len(pool)} examples, every reference answer scores 1"
               + (f" ({rejected} generated examples dropped because theirs did not)" if rejected else ""))
         start = 0
         for name, count in counts.items():
-            for example, response in pool[start:start + count]:
+            for example, turns in pool[start:start + count]:
                 if name == "sft":
-                    example = dict(example, messages=example["messages"] + [{"role": "assistant", "content": response}])
+                    example = graded_turns(example, turns)[-1][0]
                 splits[name].append(example)
             start += count
     for name in splits:  # interleave domains so any prefix of a file is a mix
@@ -465,9 +596,29 @@ def generate(seed: int):
     return splits
 
 
+def graded_turns(example, turns):
+    """(example, completion) for each assistant turn of the SFT continuation: the example whose messages end with
+    that turn and whose fields describe it (a final answer after a tool result: prose, tool_calls [[]]), and the
+    text the model writes for it after the generation prompt (the chat template's rendering, calls included)."""
+    from tokenizer import render_chat
+    out, messages = [], list(example["messages"])
+    for turn in turns:
+        messages.append(turn)
+        if turn["role"] != "assistant":
+            continue
+        graded = dict(example, messages=list(messages))
+        if len(out) and example["domain"] == "tool":
+            graded["tool_calls"] = [[]]
+        full = render_chat(messages, tools=example.get("tools"))
+        prompt = render_chat(messages[:-1], tools=example.get("tools"), add_generation_prompt=True)
+        assert full.startswith(prompt)
+        out.append((graded, full[len(prompt):].removesuffix("<|im_end|>\n")))
+    return out
+
+
 def verify_code(pool):
     """Every reference program must pass its tests in the sandbox (run in parallel); a failure is a generator bug."""
-    scores = tasks.score_responses([e for e, _ in pool], [r for _, r in pool])
+    scores = tasks.score_responses([e for e, _ in pool], [graded_turns(e, t)[-1][1] for e, t in pool])
     bad = [i for i, rs in enumerate(scores["rewards"]) if rs[0] != 1.0]
     if bad:
         raise AssertionError(f"code: {len(bad)} reference programs fail, e.g. {pool[bad[0]]}")
@@ -495,14 +646,20 @@ def train_tokenizer(splits, out: Path):
     except ImportError:
         print("tokenizer.py not found: data/tokenizer.json not written")
         return
-    texts = [render_chat(e["messages"]) for e in splits["sft"]]
+    texts = [render_chat(e["messages"], tools=e.get("tools")) for e in splits["sft"]]
     tok = train_bpe(texts, vocab_size=2048)
     tok.save(out / "tokenizer.json")
     print(f"wrote {out / 'tokenizer.json'}: {tok.vocab_size} tokens")
     for name, rows in splits.items():
-        lengths = sorted(len(tok.encode(render_chat(e["messages"], add_generation_prompt=name != "sft"))) for e in rows)
-        print(f"{name}: tokens per example: median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
-        assert lengths[-1] < 256, f"{name}: an example has {lengths[-1]} tokens, over the 256-token context"
+        for domain in sorted({e["domain"] for e in rows}):
+            lengths = sorted(len(tok.encode(render_chat(e["messages"], tools=e.get("tools"),
+                                                        add_generation_prompt=name != "sft")))
+                             for e in rows if e["domain"] == domain)
+            print(f"{name} {domain}: tokens per example: median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
+            # SFT packs 512-token rows and cuts longer examples; a tool prompt carries the tool specs and the
+            # template's reminder (about 300 tokens), the others must leave room for an answer in 256
+            limit = 512 if domain == "tool" else 256
+            assert lengths[-1] < limit, f"{name} {domain}: an example has {lengths[-1]} tokens, over {limit}"
 
 
 if __name__ == "__main__":

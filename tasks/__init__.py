@@ -15,18 +15,19 @@ the domain's verifier needs:
     {"domain": "mcqa", "messages": [...], "answer": "C", "options": [{"A": "..."}, {"B": "..."}, ...]}
     {"domain": "json", "messages": [...], "schema": {...JSON Schema...}}
     {"domain": "code", "messages": [...], "tests": [{"input": "1 2\\n", "output": "3\\n"}, ...]}
+    {"domain": "tool", "messages": [...], "tools": [...function specs...], "tool_calls": [[{"name", "arguments"}]]}
 
 Rows of any other domain (e.g. "sft/chat" from the SFT release) load fine for SFT but have no verifier.
 
 One file per idea: core.py (schema, loaders, final answer, reward dispatch, scoring), one file per domain's
-verifier (math.py, ifeval.py, mcqa.py, json.py, code.py), and sandbox.py (the code sandbox). A domain module
+verifier (math.py, ifeval.py, mcqa.py, json.py, code.py, tools.py), and sandbox.py (the code sandbox). A domain module
 has `check(example, where)` (validate its fields, raise ExampleError) and `reward(example, answer, **options)`
 (grade the final answer); VERIFIERS below is the one place that maps a domain name to its module. Only the
 standard library is imported at the top of every file: `datasets`, `jsonschema`, `langdetect` and `math_verify`
 are imported where they are used, so `import tasks` is cheap (and the math worker and the sandbox start fast).
 """
 
-from . import code, ifeval, json, math, mcqa
+from . import code, ifeval, json, math, mcqa, tools
 from .code import code_reward, extract_code, normalise_output
 from .core import (DATA_DIR, ROLES, ExampleError, example_from_row, final_answer, format_score_table,
                    load_examples, prompt_messages, reward, score_responses)
@@ -35,7 +36,8 @@ from .json import json_reward, strict_schema
 from .math import last_boxed, math_reward
 from .mcqa import mcqa_letter, mcqa_reward
 from .sandbox import RunResult, SandboxLimits, run_program, run_programs
+from .tools import tool_reward
 
 # domain name -> the module that checks and grades it. Add a domain: write tasks/mine.py, register it here.
-VERIFIERS = {"math": math, "if": ifeval, "mcqa": mcqa, "json": json, "code": code}
+VERIFIERS = {"math": math, "if": ifeval, "mcqa": mcqa, "json": json, "code": code, "tool": tools}
 GRADED_DOMAINS = tuple(VERIFIERS)

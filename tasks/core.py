@@ -34,9 +34,9 @@ def load_examples(path_or_name, split=None, *, config=None, domains=None, limit=
       e.g. "IF-RL") whose names contain `split` when given;
     - a HF hub name, e.g. "nvidia/Nemotron-Cascade-2-RL-data" with config "IF-RL", loaded with `datasets`.
 
-    Rows without a verifier we have (tool calling, SWE, non-JSON structured output, ...) are skipped and
-    counted; the counts are printed. A malformed row raises ExampleError naming where it is and the bad field.
-    `domains` keeps only those domains; `limit` stops after that many examples."""
+    Rows we cannot grade (SWE, non-JSON structured output, tool calling that needs a live environment, ...) are
+    skipped and counted; the counts are printed. A malformed row raises ExampleError naming where it is and the
+    bad field. `domains` keeps only those domains; `limit` stops after that many examples."""
     name = str(path_or_name)
     if name == "tiny":
         if split not in ("sft", "rl", "eval"):
@@ -71,7 +71,7 @@ def load_examples(path_or_name, split=None, *, config=None, domains=None, limit=
     if verbose and skipped:
         reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.most_common())
         print(f"load_examples({name}{'/' + config if config else ''}): kept {len(examples)}, "
-              f"skipped {sum(skipped.values())} rows without a verifier here: {reasons}")
+              f"skipped {sum(skipped.values())} rows we cannot grade here: {reasons}")
     return examples
 
 
@@ -112,8 +112,8 @@ def example_from_row(row, where: str = "<row>", hint=None):
     Formats, recognised by their fields:
     - ours: has "domain";
     - NeMo-Gym RL rows (Nemotron-Cascade-2-RL-data): have "responses_create_params"; the grader is picked by the
-      fields present (instruction_id_list -> if, options + expected_answer -> mcqa, schema_str -> json), which
-      may sit at the top level, under "verifier_metadata" or under "metadata";
+      fields present (tools -> tool, instruction_id_list -> if, options + expected_answer -> mcqa, schema_str ->
+      json), which may sit at the top level, under "verifier_metadata" or under "metadata";
     - AceReason-style math: "problem" and "answer";
     - SFT rows (Nemotron-Cascade-2-SFT-Data): "messages" (a list, or a JSON string), reasoning inline as
       <think>...</think> (a separate "reasoning_content" is moved inline); the domain is "sft/" + the dataset
@@ -155,8 +155,7 @@ def _from_nemo_gym(row: dict, where: str):
     messages = params["input"]
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
-    messages = [{"role": m.get("role"), "content": _responses_text(m.get("content"))} for m in messages
-                if isinstance(m, dict)]
+    messages = _responses_messages(messages)
     if params.get("instructions"):  # the Responses API's system prompt
         messages = [{"role": "system", "content": params["instructions"]}] + messages
     agent_ref = row.get("agent_ref") if isinstance(row.get("agent_ref"), dict) else {}
@@ -174,7 +173,7 @@ def _from_nemo_gym(row: dict, where: str):
         return None
 
     if params.get("tools"):
-        return f"tool-calling ({agent})"
+        return _tool_example(row, params["tools"], messages, agent, where)
     if field("instruction_id_list") is not None:
         ids, kwargs = field("instruction_id_list"), field("kwargs")
         if kwargs is None:
@@ -195,6 +194,69 @@ def _from_nemo_gym(row: dict, where: str):
     else:
         return f"no verifier for agent '{agent}'"
     return _check_example(example, where)
+
+
+def _responses_messages(items) -> list[dict]:
+    """Responses-API input items -> chat messages: messages keep role and text; a function_call item becomes an
+    assistant turn with that tool call (joined to the turn before it when that is one), a function_call_output
+    item a tool message."""
+    messages = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "function_call":
+            call = {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}
+            if not (messages and messages[-1]["role"] == "assistant"):
+                messages.append({"role": "assistant", "content": ""})
+            messages[-1].setdefault("tool_calls", []).append(call)
+        elif item.get("type") == "function_call_output":
+            messages.append({"role": "tool", "content": _responses_text(item.get("output"))})
+        else:
+            messages.append({"role": item.get("role"), "content": _responses_text(item.get("content"))})
+    return messages
+
+
+def _tool_example(row: dict, tools, messages, agent: str, where: str):
+    """A tool-calling row: its ground-truth calls become the one acceptable answer, where the prompt alone
+    determines them. NeMo-Gym's workplace_assistant rows (the tool calling of Nemotron-Cascade-2-RL-data) keep
+    `ground_truth`: [{"name", "arguments": "<JSON>"}, ...], graded there by running the policy's calls and these
+    against live databases and comparing their state. A call whose argument values are not all in the prompt
+    (an email id, a date worked out from "next Monday") needs a tool result first: the row is skipped."""
+    truth = row.get("ground_truth")
+    if isinstance(truth, str):
+        try:
+            truth = json.loads(truth)
+        except json.JSONDecodeError as e:
+            raise ExampleError(where, "ground_truth", f"a string that is not JSON ({e})") from None
+    if not truth:
+        return f"tool-calling without ground-truth calls ({agent})"
+    if not isinstance(truth, list) or not all(isinstance(c, dict) for c in truth):
+        raise ExampleError(where, "ground_truth", f"expected a list of calls {{name, arguments}}, got {truth!r:.80}")
+    calls = []
+    for i, call in enumerate(truth):
+        arguments = call.get("arguments") or {}
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                raise ExampleError(where, f"ground_truth[{i}].arguments", f"not JSON ({e})") from None
+        calls.append({"name": call.get("name"), "arguments": arguments})
+    prompt = "\n".join(m["content"] for m in messages if isinstance(m.get("content"), str)).lower()
+
+    def in_prompt(value) -> bool:
+        if isinstance(value, dict):
+            return all(in_prompt(v) for v in value.values())
+        if isinstance(value, list):
+            return all(in_prompt(v) for v in value)
+        if isinstance(value, (bool, type(None))):
+            return True
+        return str(value).lower() in prompt
+    if not all(in_prompt(call["arguments"]) for call in calls):
+        return f"tool-calling that needs a live environment ({agent})"
+    # the Responses API's flat tool {"type": "function", "name", ...} -> the chat form the template renders
+    tools = [t if not isinstance(t, dict) or "function" in t or "name" not in t else
+             {"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in tools]
+    return _check_example({"domain": "tool", "messages": messages, "tools": tools, "tool_calls": [calls]}, where)
 
 
 def _responses_text(content) -> str:

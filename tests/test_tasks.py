@@ -152,7 +152,7 @@ TOOL_ROW = {
     "agent_ref": {"name": "workplace_assistant_simple_agent"},
     "responses_create_params": {"input": [{"role": "user", "content": "Email Bob."}],
                                 "tools": [{"type": "function", "name": "send_email", "parameters": {}}]},
-    "ground_truth": [{"name": "send_email"}]}
+    "ground_truth": [{"name": "send_email", "arguments": '{"to": "bob@atlas.com"}'}]}  # the address: a lookup
 SWE_ROW = {"agent_ref": {"name": "swe_agent"}, "responses_create_params": {"input": [{"role": "user", "content": "Fix"}]}}
 SFT_ROW = {"messages": [{"role": "user", "content": "2+2?"},
                         {"role": "assistant", "content": "<think>\nadd\n</think>\n4"}], "license": "cc-by-4.0"}
@@ -179,7 +179,8 @@ def test_nemo_gym_rl_rows_map_into_the_schema(tmp_path, capsys):
     assert mcqa["answer"] == "A" and mcqa["options"] == MCQA_ROW["options"]
     assert structured["schema"] == json.loads(JSON_ROW["schema_str"])
     printed = capsys.readouterr().out
-    assert "skipped 3" in printed and "1 tool-calling (workplace_assistant_simple_agent)" in printed
+    assert "skipped 3" in printed and "1 tool-calling that needs a live environment (workplace_assistant_simple_agent)" \
+        in printed  # (tests/test_tasks_tools.py loads the tool rows that need none)
     assert "1 structured output in yaml" in printed and "1 no verifier for agent 'swe_agent'" in printed
     # and they grade
     assert tasks.reward(if_example, "<think>\nx\n</think>\nfive words with no comma") == 1.0
@@ -273,7 +274,8 @@ def test_shipped_splits_load_cover_every_domain_and_are_disjoint(shipped):
     prompts = {}
     for split, examples in shipped.items():
         assert {e["domain"] for e in examples} == set(tasks.GRADED_DOMAINS)
-        prompts[split] = {tasks.prompt_messages(e)[-1]["content"] for e in examples}
+        prompts[split] = {[m["content"] for m in tasks.prompt_messages(e) if m["role"] == "user"][-1]
+                          for e in examples}
         assert len(prompts[split]) == len(examples)  # no duplicates within a split
         ends_with_answer = [e["messages"][-1]["role"] == "assistant" for e in examples]
         assert all(ends_with_answer) if split == "sft" else not any(ends_with_answer)
@@ -282,26 +284,37 @@ def test_shipped_splits_load_cover_every_domain_and_are_disjoint(shipped):
     assert size < 5e6
 
 
+def completion(example):
+    """What the model writes for the example's last assistant turn after the generation prompt (<think>\\n): the
+    chat template's rendering of that turn, tool calls included, through <|im_end|>."""
+    from tokenizer import render_chat
+    full = render_chat(example["messages"], tools=example.get("tools"))
+    prompt = render_chat(tasks.prompt_messages(example), tools=example.get("tools"), add_generation_prompt=True)
+    assert full.startswith(prompt)
+    return full[len(prompt):]
+
+
 def test_shipped_sft_answers_are_thinking_mode_and_score_1(shipped, monkeypatch):
     rng = random.Random(0)
     by_domain = {d: [e for e in shipped["sft"] if e["domain"] == d] for d in tasks.GRADED_DOMAINS}
     sample = [e for d, es in by_domain.items() for e in rng.sample(es, 5 if d == "code" else 40)]
     for example in sample:
         answer = example["messages"][-1]["content"]
-        assert answer.startswith("<think>\n") and "\n</think>\n" in answer
+        assert answer.startswith("<think>\n") and ("\n</think>\n" in answer or answer.endswith("\n</think>"))
     # record what the sandbox and the language detector said during the grading, so that a failure (these
     # graders run in score_responses' thread pool) says which example failed and why, not only that one did
     runs, languages = [], []
     run_program, detect_language = tasks.run_program, tasks.ifeval._detect_language
-    monkeypatch.setattr(tasks.code, "run_program", lambda *a, **k: runs.append((a[:2], run_program(*a, **k))) or runs[-1][1])
+    monkeypatch.setattr(tasks.code, "run_program",
+                        lambda *a, **k: runs.append((a[:2], run_program(*a, **k))) or runs[-1][1])
     monkeypatch.setattr(tasks.ifeval, "_detect_language",
                         lambda text: languages.append((text, detect_language(text))) or languages[-1][1])
     scores = tasks.score_responses([dict(e, messages=tasks.prompt_messages(e)) for e in sample],
-                                   [e["messages"][-1]["content"] for e in sample])
+                                   [completion(e) for e in sample], thinking=True)
     failed = []
     for example, (score,) in zip(sample, scores["rewards"]):
         if score != 1.0:
-            answer = tasks.final_answer(example["messages"][-1]["content"])
+            answer = tasks.final_answer(completion(example), thinking=True)
             why = {"domain": example["domain"], "score": score, "answer": answer,
                    "example": {k: v for k, v in example.items() if k != "messages"}}
             if example["domain"] == "code":
@@ -320,19 +333,22 @@ def test_shipped_examples_fit_the_tiny_context(shipped):
     tok = tokenizer.load_tokenizer()
     assert tok.vocab_size == 2048
     for split, examples in shipped.items():
-        longest = max(len(tok.encode(tokenizer.render_chat(e["messages"], add_generation_prompt=split != "sft")))
-                      for e in examples)
-        assert longest < 200, f"{split}: {longest} tokens"
+        for tool in (False, True):  # the tool domain's prompts carry the tool specs: SFT packs 512-token rows
+            longest = max(len(tok.encode(tokenizer.render_chat(e["messages"], tools=e.get("tools"),
+                                                               add_generation_prompt=split != "sft")))
+                          for e in examples if (e["domain"] == "tool") == tool)
+            assert longest < (512 if tool else 200), f"{split}{' tool' if tool else ''}: {longest} tokens"
 
 
 def test_generator_is_deterministic_and_matches_the_shipped_files(shipped):
     sys.path.insert(0, str(ROOT / "data"))
     import generate
-    fact_base = generate.build_fact_base(0)
+    fact_base, city_table = generate.build_fact_base(0), generate.build_city_table(0)
     for domain, make in (("math", generate.make_math), ("json", generate.make_json),
-                         ("mcqa", lambda r: generate.make_mcqa(r, fact_base))):
+                         ("mcqa", lambda r: generate.make_mcqa(r, fact_base)),
+                         ("tool", lambda r: generate.make_tool(r, city_table))):
         rng, prompts = random.Random(f"0:{domain}"), []
-        while len(prompts) < generate.COUNTS["sft"]:
+        while len(prompts) < (generate.TOOL_COUNTS if domain == "tool" else generate.COUNTS)["sft"]:
             prompt = make(rng)[0]["messages"][0]["content"]
             if prompt not in prompts:
                 prompts.append(prompt)
