@@ -149,6 +149,8 @@ def cuda_bench(tokens=(4096, 8192, 16384, 32768), H=2688, I=1856, E=128, k=6, dt
 
 
 if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     cpu_bench()
     if torch.cuda.is_available():
         cuda_bench()

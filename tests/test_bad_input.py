@@ -290,3 +290,19 @@ def test_chat_keeps_its_session_on_undecodable_input(good):
     err = r.stderr.decode()
     assert r.returncode == 0, err
     assert "not valid UTF-8" in err and "tokens/s" in err          # the next line was answered
+
+
+def test_readme_commands(monkeypatch, capsys):
+    """The README's 2-process command fits its global batch; its test command selects tests; --help only helps."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert common.parse_config(sft.SFTConfig, ["--micro_batch=4"]).micro_batch == 4
+    with pytest.raises(SystemExit):
+        common.parse_config(sft.SFTConfig, [])
+    assert "--micro_batch=4" in capsys.readouterr().err               # the error says what would be right
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "torchrun --nproc_per_node=2 sft.py --micro_batch=4" in readme
+    assert "./test.sh tests/test_model.py -k transformers" in readme
+    assert "def test_logits_match_transformers" in open(os.path.join(ROOT, "tests", "test_model.py")).read()
+    t0 = time.perf_counter()
+    r = run_script(os.path.join("bench", "bench_moe.py"), "--help")
+    assert r.returncode == 0 and b"usage:" in r.stdout and time.perf_counter() - t0 < 20
