@@ -133,37 +133,81 @@ TOOLS = [{"type": "function", "function": {
         "required": ["city"], "additionalProperties": False}, "strict": True}},
     {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}]
 CALL_PARIS = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}
-CALL_TIME = {"name": "get_time", "arguments": {"zone": "CET", "flags": [1, "a"], "opts": {"x": True}, "ok": True, "f": 1.5}}
+CALL_TIME = {"name": "get_time",
+             "arguments": {"zone": "CET", "flags": [1, "a"], "opts": {"x": True}, "ok": True, "f": 1.5}}
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(content, *calls, **fields):
+    return dict({"role": "assistant", "content": content}, **({"tool_calls": list(calls)} if calls else {}), **fields)
+
+
+def tool(text):
+    return {"role": "tool", "content": text}
+
+
 OFFICIAL_CASES = {  # name -> render_chat's arguments
     "single_thinking": dict(messages=[QUESTION, THOUGHT_ANSWER]),
-    "reasoning_content": dict(messages=[QUESTION, {"role": "assistant", "reasoning_content": "2+2 is 4.", "content": "The answer is 4."}]),
-    "non_thinking_flag": dict(messages=[{"role": "system", "content": "Be brief."}, QUESTION, THOUGHT_ANSWER], thinking=False),
+    "reasoning_content": dict(messages=[QUESTION, assistant("The answer is 4.", reasoning_content="2+2 is 4.")]),
+    "non_thinking_flag": dict(messages=[{"role": "system", "content": "Be brief."}, QUESTION, THOUGHT_ANSWER],
+                              thinking=False),
     "plain_answer": dict(messages=[{"role": "system", "content": "Be brief."}, QUESTION, PLAIN_ANSWER]),
     "gen_thinking": dict(messages=[QUESTION], add_generation_prompt=True),
     "gen_non_thinking": dict(messages=[QUESTION], add_generation_prompt=True, thinking=False),
-    "multi_turn": dict(messages=[QUESTION, THOUGHT_ANSWER, {"role": "user", "content": "And 3+3?"}, REASONING_CONTENT]),
-    "multi_turn_history_without_thinking": dict(messages=[QUESTION, PLAIN_ANSWER, {"role": "user", "content": "And 3+3?"}, REASONING_CONTENT]),
-    "multi_turn_gen_non_thinking": dict(messages=[QUESTION, THOUGHT_ANSWER, {"role": "user", "content": "And 3+3?"}], add_generation_prompt=True, thinking=False),
-    "whitespace_as_written": dict(messages=[{"role": "user", "content": " 12 "}, {"role": "assistant", "content": "\n<think>\n\n...12!\n</think>\n\n12 é \n"}]),
-    "tools_and_results": dict(messages=[WEATHER_SYSTEM, {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "<think>\nI should call the tool.\n</think>\n", "tool_calls": [CALL_PARIS]},
-        {"role": "tool", "content": '{"temp_c": 21}'}, {"role": "tool", "content": '{"sky": "clear"}'},
-        {"role": "assistant", "content": "<think>\n21 and clear.\n</think>\nSunny, 21°C."}], tools=TOOLS),
+    "multi_turn": dict(messages=[QUESTION, THOUGHT_ANSWER, user("And 3+3?"), REASONING_CONTENT]),
+    "multi_turn_history_without_thinking": dict(messages=[QUESTION, PLAIN_ANSWER, user("And 3+3?"), REASONING_CONTENT]),
+    "multi_turn_gen_non_thinking": dict(messages=[QUESTION, THOUGHT_ANSWER, user("And 3+3?")],
+                                        add_generation_prompt=True, thinking=False),
+    "whitespace_as_written": dict(messages=[user(" 12 "), assistant("\n<think>\n\n...12!\n</think>\n\n12 é \n")]),
+    "tools_and_results": dict(messages=[
+        WEATHER_SYSTEM, user("Weather in Paris?"),
+        assistant("<think>\nI should call the tool.\n</think>\n", CALL_PARIS),
+        tool('{"temp_c": 21}'), tool('{"sky": "clear"}'), assistant("<think>\n21 and clear.\n</think>\nSunny, 21°C.")],
+        tools=TOOLS),
     "tools_no_system": dict(messages=[QUESTION], tools=TOOLS, add_generation_prompt=True),
-    "parallel_typed_calls": dict(messages=[QUESTION, {"role": "assistant", "content": "<think>\nTwo calls.\n</think>\nChecking.", "tool_calls": [CALL_PARIS, CALL_TIME]}], tools=TOOLS),
-    "call_without_content": dict(messages=[QUESTION, {"role": "assistant", "content": "", "tool_calls": [CALL_TIME]}]),
-    "call_none_content": dict(messages=[QUESTION, {"role": "assistant", "content": None, "tool_calls": [CALL_TIME]}]),
-    "earlier_call_turn": dict(messages=[QUESTION, {"role": "assistant", "content": "<think>\nCall.\n</think>\nOne moment.", "tool_calls": [CALL_PARIS]},
-        {"role": "tool", "content": "21"}, {"role": "assistant", "content": "<think>\nok\n</think>\n21."}, {"role": "user", "content": "Thanks"}], tools=TOOLS, add_generation_prompt=True),
-    "earlier_call_turn_thought_only": dict(messages=[QUESTION, {"role": "assistant", "content": "<think>\nCall.\n</think>\n", "tool_calls": [CALL_PARIS]},
-        {"role": "tool", "content": "21"}, {"role": "user", "content": "Thanks"}]),
-    "later_system_turn": dict(messages=[WEATHER_SYSTEM, QUESTION, {"role": "system", "content": "Answer in French."}, PLAIN_ANSWER]),
-    "tool_after_user_then_user": dict(messages=[QUESTION, {"role": "tool", "content": "x"}, {"role": "user", "content": "y"}]),
-    "unclosed_thought": dict(messages=[QUESTION, {"role": "assistant", "content": "<think>\nno end"}]),
-    "empty_earlier_answer": dict(messages=[QUESTION, {"role": "assistant", "content": "<think>\nonly thought\n</think>"}, {"role": "user", "content": "?"}]),
+    "parallel_typed_calls": dict(messages=[QUESTION, assistant("<think>\nTwo calls.\n</think>\nChecking.", CALL_PARIS,
+                                                               CALL_TIME)], tools=TOOLS),
+    "call_without_content": dict(messages=[QUESTION, assistant("", CALL_TIME)]),
+    "call_none_content": dict(messages=[QUESTION, assistant(None, CALL_TIME)]),
+    "earlier_call_turn": dict(messages=[
+        QUESTION, assistant("<think>\nCall.\n</think>\nOne moment.", CALL_PARIS), tool("21"),
+        assistant("<think>\nok\n</think>\n21."), user("Thanks")], tools=TOOLS, add_generation_prompt=True),
+    "earlier_call_turn_thought_only": dict(messages=[
+        QUESTION, assistant("<think>\nCall.\n</think>\n", CALL_PARIS), tool("21"), user("Thanks")]),
+    "later_system_turn": dict(messages=[WEATHER_SYSTEM, QUESTION, {"role": "system", "content": "Answer in French."},
+                                        PLAIN_ANSWER]),
+    "tool_after_user_then_user": dict(messages=[QUESTION, tool("x"), user("y")]),
+    "unclosed_thought": dict(messages=[QUESTION, assistant("<think>\nno end")]),
+    "empty_earlier_answer": dict(messages=[QUESTION, assistant("<think>\nonly thought\n</think>"), user("?")]),
     "other_role": dict(messages=[QUESTION, {"role": "ipython", "content": "out"}]),
 }
 
+
+# The official rendering of TOOLS in the system turn: the tool list, then the template's tool-use reminder.
+TOOLS_TEXT = (
+    '# Tools\n\nYou have access to the following functions:\n\n<tools>\n<function>\n'
+    '<name>get_weather</name>\n<description>Current weather for a city.</description>\n<parameters>\n'
+    '<parameter>\n<name>city</name>\n<type>string</type>\n<description>City name</description>\n'
+    '</parameter>\n<parameter>\n<name>days</name>\n<type>integer</type>\n<enum>[1, 2]</enum>\n'
+    '<minimum>1</minimum>\n</parameter>\n<parameter>\n<name>units</name>\n'
+    '<type>[\'string\', \'null\']</type>\n<items>{"type": "string"}</items>\n</parameter>\n'
+    '<additionalProperties>False</additionalProperties>\n<required>["city"]</required>\n</parameters>\n'
+    '<strict>True</strict>\n</function>\n<function>\n<name>get_time</name>\n<parameters>\n<parameter>\n'
+    '<name>zone</name>\n<type>string</type>\n</parameter>\n</parameters>\n</function>\n</tools>\n\n'
+    'If you choose to call a function ONLY reply in the following format with NO suffix:\n\n'
+    '<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n'
+    '</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\n'
+    'that can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n'
+    '- Function calls MUST follow the specified format: an inner <function=...></function> '
+    'block must be nested within <tool_call></tool_call> XML tags\n'
+    '- Required parameters MUST be specified\n'
+    '- You may provide optional reasoning for your function call in natural language BEFORE '
+    'the function call, but NOT after\n'
+    '- If there is no function call available, answer the question like normal with your '
+    'current knowledge and do not tell the user about function calls\n</IMPORTANT>')
 
 OFFICIAL_RENDERINGS = {  # name -> the official template's text, rendered with jinja2 (see the comment above)
     "single_thinking": (
@@ -200,75 +244,27 @@ OFFICIAL_RENDERINGS = {  # name -> the official template's text, rendered with j
         '<|im_start|>system\n<|im_end|>\n<|im_start|>user\n 12 <|im_end|>\n<|im_start|>assistant\n<think>\n'
         '\n...12!\n</think>\n\n12 é<|im_end|>\n'),
     "tools_and_results": (
-        '<|im_start|>system\nYou are a weather bot.\n\n# Tools\n\n'
-        'You have access to the following functions:\n\n<tools>\n<function>\n<name>get_weather</name>\n'
-        '<description>Current weather for a city.</description>\n<parameters>\n<parameter>\n'
-        '<name>city</name>\n<type>string</type>\n<description>City name</description>\n</parameter>\n'
-        '<parameter>\n<name>days</name>\n<type>integer</type>\n<enum>[1, 2]</enum>\n<minimum>1</minimum>\n'
-        "</parameter>\n<parameter>\n<name>units</name>\n<type>['string', 'null']</type>\n"
-        '<items>{"type": "string"}</items>\n</parameter>\n'
-        '<additionalProperties>False</additionalProperties>\n<required>["city"]</required>\n</parameters>\n'
-        '<strict>True</strict>\n</function>\n<function>\n<name>get_time</name>\n<parameters>\n<parameter>\n'
-        '<name>zone</name>\n<type>string</type>\n</parameter>\n</parameters>\n</function>\n</tools>\n\n'
-        'If you choose to call a function ONLY reply in the following format with NO suffix:\n\n'
-        '<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n'
-        '</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\n'
-        'that can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n'
-        '- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n'
-        '- Required parameters MUST be specified\n'
-        '- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n'
-        '- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n'
-        '</IMPORTANT><|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n'
-        '<think>\nI should call the tool.\n</think>\n<tool_call>\n<function=get_weather>\n'
-        '<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n'
-        '</tool_call>\n<|im_end|>\n<|im_start|>user\n<tool_response>\n{"temp_c": 21}\n</tool_response>\n'
-        '<tool_response>\n{"sky": "clear"}\n</tool_response>\n<|im_end|>\n<|im_start|>assistant\n<think>\n'
-        '21 and clear.\n</think>\nSunny, 21°C.<|im_end|>\n'),
+        '<|im_start|>system\nYou are a weather bot.\n\n'
+        + TOOLS_TEXT
+        + '<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n<think>\n'
+        'I should call the tool.\n</think>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n'
+        '</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>\n<|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"temp_c": 21}\n</tool_response>\n<tool_response>\n'
+        '{"sky": "clear"}\n</tool_response>\n<|im_end|>\n<|im_start|>assistant\n<think>\n21 and clear.\n'
+        '</think>\nSunny, 21°C.<|im_end|>\n'),
     "tools_no_system": (
-        '<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n'
-        '<function>\n<name>get_weather</name>\n<description>Current weather for a city.</description>\n'
-        '<parameters>\n<parameter>\n<name>city</name>\n<type>string</type>\n'
-        '<description>City name</description>\n</parameter>\n<parameter>\n<name>days</name>\n'
-        '<type>integer</type>\n<enum>[1, 2]</enum>\n<minimum>1</minimum>\n</parameter>\n<parameter>\n'
-        '<name>units</name>\n<type>[\'string\', \'null\']</type>\n<items>{"type": "string"}</items>\n'
-        '</parameter>\n<additionalProperties>False</additionalProperties>\n<required>["city"]</required>\n'
-        '</parameters>\n<strict>True</strict>\n</function>\n<function>\n<name>get_time</name>\n'
-        '<parameters>\n<parameter>\n<name>zone</name>\n<type>string</type>\n</parameter>\n</parameters>\n'
-        '</function>\n</tools>\n\n'
-        'If you choose to call a function ONLY reply in the following format with NO suffix:\n\n'
-        '<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n'
-        '</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\n'
-        'that can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n'
-        '- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n'
-        '- Required parameters MUST be specified\n'
-        '- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n'
-        '- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n'
-        '</IMPORTANT><|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n'),
+        '<|im_start|>system\n'
+        + TOOLS_TEXT
+        + '<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n'),
     "parallel_typed_calls": (
-        '<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n'
-        '<function>\n<name>get_weather</name>\n<description>Current weather for a city.</description>\n'
-        '<parameters>\n<parameter>\n<name>city</name>\n<type>string</type>\n'
-        '<description>City name</description>\n</parameter>\n<parameter>\n<name>days</name>\n'
-        '<type>integer</type>\n<enum>[1, 2]</enum>\n<minimum>1</minimum>\n</parameter>\n<parameter>\n'
-        '<name>units</name>\n<type>[\'string\', \'null\']</type>\n<items>{"type": "string"}</items>\n'
-        '</parameter>\n<additionalProperties>False</additionalProperties>\n<required>["city"]</required>\n'
-        '</parameters>\n<strict>True</strict>\n</function>\n<function>\n<name>get_time</name>\n'
-        '<parameters>\n<parameter>\n<name>zone</name>\n<type>string</type>\n</parameter>\n</parameters>\n'
-        '</function>\n</tools>\n\n'
-        'If you choose to call a function ONLY reply in the following format with NO suffix:\n\n'
-        '<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n'
-        '</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\n'
-        'that can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n'
-        '- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n'
-        '- Required parameters MUST be specified\n'
-        '- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n'
-        '- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n'
-        '</IMPORTANT><|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n'
-        'Two calls.\n</think>\nChecking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n'
-        '</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n'
-        '<function=get_time>\n<parameter=zone>\nCET\n</parameter>\n<parameter=flags>\n[1, "a"]\n'
-        '</parameter>\n<parameter=opts>\n{"x": true}\n</parameter>\n<parameter=ok>\nTrue\n</parameter>\n'
-        '<parameter=f>\n1.5\n</parameter>\n</function>\n</tool_call>\n<|im_end|>\n'),
+        '<|im_start|>system\n'
+        + TOOLS_TEXT
+        + '<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\nTwo calls.\n'
+        '</think>\nChecking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n'
+        '<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=get_time>\n'
+        '<parameter=zone>\nCET\n</parameter>\n<parameter=flags>\n[1, "a"]\n</parameter>\n<parameter=opts>\n'
+        '{"x": true}\n</parameter>\n<parameter=ok>\nTrue\n</parameter>\n<parameter=f>\n1.5\n</parameter>\n'
+        '</function>\n</tool_call>\n<|im_end|>\n'),
     "call_without_content": (
         '<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
         '<think></think>\n<tool_call>\n<function=get_time>\n<parameter=zone>\nCET\n</parameter>\n'
@@ -282,25 +278,9 @@ OFFICIAL_RENDERINGS = {  # name -> the official template's text, rendered with j
         '<parameter=ok>\nTrue\n</parameter>\n<parameter=f>\n1.5\n</parameter>\n</function>\n</tool_call>\n'
         '<|im_end|>\n'),
     "earlier_call_turn": (
-        '<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n'
-        '<function>\n<name>get_weather</name>\n<description>Current weather for a city.</description>\n'
-        '<parameters>\n<parameter>\n<name>city</name>\n<type>string</type>\n'
-        '<description>City name</description>\n</parameter>\n<parameter>\n<name>days</name>\n'
-        '<type>integer</type>\n<enum>[1, 2]</enum>\n<minimum>1</minimum>\n</parameter>\n<parameter>\n'
-        '<name>units</name>\n<type>[\'string\', \'null\']</type>\n<items>{"type": "string"}</items>\n'
-        '</parameter>\n<additionalProperties>False</additionalProperties>\n<required>["city"]</required>\n'
-        '</parameters>\n<strict>True</strict>\n</function>\n<function>\n<name>get_time</name>\n'
-        '<parameters>\n<parameter>\n<name>zone</name>\n<type>string</type>\n</parameter>\n</parameters>\n'
-        '</function>\n</tools>\n\n'
-        'If you choose to call a function ONLY reply in the following format with NO suffix:\n\n'
-        '<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n'
-        '</parameter>\n<parameter=example_parameter_2>\nThis is the value for the second parameter\n'
-        'that can span\nmultiple lines\n</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n'
-        '- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\n'
-        '- Required parameters MUST be specified\n'
-        '- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\n'
-        '- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\n'
-        '</IMPORTANT><|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
+        '<|im_start|>system\n'
+        + TOOLS_TEXT
+        + '<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n'
         '<think></think>One moment.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n'
         '</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>\n<|im_end|>\n'
         '<|im_start|>user\n<tool_response>\n21\n</tool_response>\n<|im_end|>\n<|im_start|>assistant\n'
