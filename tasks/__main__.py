@@ -14,7 +14,13 @@ if sys.argv[1:] == ["_math_worker"]:  # the math verifier's worker process (task
     _math_worker_main()
 elif sys.argv[1:2] == ["check"] and len(sys.argv) > 2:
     loaded = load_examples(sys.argv[2], *(sys.argv[3:4] or [None]), config=(sys.argv[4:5] or [None])[0])
-    print(dict(collections.Counter(e["domain"] for e in loaded)))
+    counts = collections.Counter(e["domain"] for e in loaded)
+    print(dict(counts))
+    from . import GRADED_DOMAINS
+    ungraded = sorted(set(counts) - set(GRADED_DOMAINS))
+    if ungraded:  # fine for SFT; evaluation and RL need a verifier
+        print(f"no verifier for {ungraded}: these rows can train SFT but cannot be scored or used for RL "
+              f"(graded domains: {', '.join(GRADED_DOMAINS)})")
 elif sys.argv[1:] == ["sandbox"]:
     result = run_program("print(input()[::-1])", "olleh\n")
     from . import sandbox

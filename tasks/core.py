@@ -75,12 +75,23 @@ def load_examples(path_or_name, split=None, *, config=None, domains=None, limit=
     return examples
 
 
+def _without_nulls(value):
+    """A parquet row as it was written. Parquet stores dicts as structs holding the union of every row's keys,
+    the absent ones null (pandas does the same with columns), so an mcqa option {"A": ..} comes back as
+    {"A": .., "B": None, ...} and a JSON schema grows null keywords: drop every null again, at every depth."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def _file_rows(path: Path):
     """(where, row) pairs of one file; `where` is path:line (1-based) or path:row N for parquet."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq  # installed with datasets
         for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}:row {i}", row
+            yield f"{path}:row {i}", _without_nulls(row)
         return
     with open(path, encoding="utf-8") as f:
         head = f.read(1)
@@ -363,6 +374,9 @@ def reward(example: dict, response: str, *, thinking=None, if_loose=False, if_fr
     verifier = _verifiers().get(example["domain"])
     if verifier is None:
         raise ValueError(f"no verifier for domain '{example['domain']}' (graded domains: {', '.join(_verifiers())})")
+    if not isinstance(response, str):
+        raise TypeError(f"reward: the response must be the decoded text (str), got {type(response).__name__} "
+                        f"{response!r:.60}")
     answer = final_answer(response, thinking)
     if answer is None:
         return 0.0

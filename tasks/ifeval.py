@@ -480,6 +480,21 @@ INSTRUCTIONS = {
 }
 
 
+# The count and position arguments: no instruction can use a negative one (IFEval would never build it).
+COUNT_KWARGS = {"N", "capital_frequency", "frequency", "let_frequency", "m", "n", "n_end", "n_sent", "n_start",
+                "n_words", "nth_paragraph", "num_bullets", "num_highlights", "num_paragraphs", "num_placeholders",
+                "num_sections", "num_sentences", "num_words", "small_n"}
+
+
+def _bad_count(instruction_id: str, kwargs: dict):
+    """Why a count argument of this instruction is unusable (negative, or not a number), or None."""
+    for k in sorted(COUNT_KWARGS & set(kwargs)):
+        v = kwargs[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            return f"instruction '{instruction_id}': {k}={v!r} must be a number >= 0"
+    return None
+
+
 def check_instruction(instruction_id: str, answer: str, kwargs: dict) -> bool:
     """One instruction on one answer (strict: an empty answer follows nothing). Raises on an unknown id, or on
     kwargs the instruction cannot use (missing required ones; unknown ones are ignored, as NeMo-Gym's data
@@ -491,6 +506,8 @@ def check_instruction(instruction_id: str, answer: str, kwargs: dict) -> bool:
     missing = [p for p in params if p not in kwargs]
     if missing:
         raise ValueError(f"instruction '{instruction_id}' needs kwargs {missing}, got {sorted(kwargs)}")
+    if why := _bad_count(instruction_id, kwargs):
+        raise ValueError(why)
     return bool(answer.strip()) and bool(check(answer, **{p: kwargs[p] for p in params}))
 
 
@@ -524,6 +541,8 @@ def check(example: dict, where: str):
         if kw is not None and not isinstance(kw, dict):
             raise ExampleError(where, f"kwargs[{i}]", f"expected a dict or null, got {kw!r:.80}")
         cleaned.append({k: v for k, v in (kw or {}).items() if v is not None})  # null kwargs mean "not set"
+        if why := _bad_count(iid, cleaned[-1]):
+            raise ExampleError(where, f"kwargs[{i}]", why)
     example["kwargs"] = cleaned
 
 

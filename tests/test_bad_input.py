@@ -306,3 +306,42 @@ def test_readme_commands(monkeypatch, capsys):
     t0 = time.perf_counter()
     r = run_script(os.path.join("bench", "bench_moe.py"), "--help")
     assert r.returncode == 0 and b"usage:" in r.stdout and time.perf_counter() - t0 < 20
+
+
+# -- tasks: data files and verifier arguments ----------------------------------------------------------------------
+
+
+def test_parquet_in_the_project_schema_loads_every_domain(tmp_path):
+    """pandas/pyarrow store dicts as structs with every row's keys (absent ones null): mcqa options, JSON schemas
+    and IF kwargs must come back as they were written, for every domain and for a file mixing them."""
+    pd = pytest.importorskip("pandas")
+    with open(os.path.join(ROOT, "data", "eval.jsonl")) as f:
+        rows = [json.loads(ln) for ln in f]
+    mixed = [r for d in sorted({r["domain"] for r in rows}) for r in [x for x in rows if x["domain"] == d][:4]]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    pd.DataFrame(mixed).to_parquet(tmp_path / "mixed.parquet")
+    from_jsonl = tasks.load_examples(str(tmp_path / "mixed.jsonl"))
+    from_parquet = tasks.load_examples(str(tmp_path / "mixed.parquet"))
+    assert {e["domain"] for e in from_parquet} == set(tasks.GRADED_DOMAINS) & {r["domain"] for r in rows}
+    assert from_parquet == from_jsonl
+
+
+@pytest.mark.parametrize("response", [None, b"\\boxed{4}", 4])
+def test_reward_names_a_response_that_is_not_text(response):
+    example = {"domain": "math", "messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}
+    with pytest.raises(TypeError, match="response must be the decoded text"):
+        tasks.reward(example, response)
+
+
+def test_if_verifiers_refuse_negative_counts(tmp_path):
+    with pytest.raises(ValueError, match="let_frequency=-2"):
+        tasks.check_instruction("keywords:letter_frequency", "aaa", dict(letter="a", let_frequency=-2,
+                                                                         let_relation="at least"))
+    with pytest.raises(ValueError, match="num_words=-1"):
+        tasks.check_instruction("length_constraints:number_words", "a b c", dict(num_words=-1, relation="at least"))
+    row = {"domain": "if", "messages": [{"role": "user", "content": "Write."}],
+           "instruction_id_list": ["keywords:letter_frequency"],
+           "kwargs": [{"letter": "a", "let_frequency": -2, "let_relation": "at least"}]}
+    (tmp_path / "if.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(tasks.ExampleError, match=r"if.jsonl:1.*let_frequency=-2"):
+        tasks.load_examples(str(tmp_path / "if.jsonl"))
