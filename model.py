@@ -746,33 +746,51 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator=None):
-        """Training from scratch: normal(0, initializer_range) for projections and embeddings, residual-output
-        projections scaled by 1/sqrt(2 * n_layers) (GPT-2), and Mamba-2's own init for A, dt and D."""
-        cfg, std = self.config, self.config.initializer_range
-        out_std = std / math.sqrt(2 * cfg.num_hidden_layers) if cfg.rescale_prenorm_residual else std
-        for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if name.endswith(("norm.weight", "norm_f.weight")):
-                p.fill_(1.0)
-            elif leaf == "bias":
-                p.zero_()
-            elif leaf == "A_log":       # A = -uniform(1, 16)
-                p.copy_(torch.empty_like(p).uniform_(1, 16, generator=generator).log())
-            elif leaf == "D":
-                p.fill_(1.0)
-            elif leaf == "dt_bias":     # softplus(dt_bias) = dt ~ log-uniform(time_step_min, time_step_max)
-                lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
-                dt = torch.exp(torch.empty_like(p).uniform_(lo, hi, generator=generator)).clamp(min=cfg.time_step_floor)
-                p.copy_(dt + torch.log(-torch.expm1(-dt)))                  # inverse softplus
-            elif "conv1d" in name:
-                bound = 1 / math.sqrt(cfg.conv_kernel)                      # nn.Conv1d's default fan-in bound
-                p.uniform_(-bound, bound, generator=generator)
-            elif name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight", "experts.down_proj")):
-                p.normal_(0.0, out_std, generator=generator)
-            else:
-                p.normal_(0.0, std, generator=generator)
+        """
+        Training from scratch: normal(0, initializer_range) for projections and embeddings, residual-output
+        projections scaled by 1/sqrt(2 * n_layers) (GPT-2), and Mamba-2's own init for A, dt and D.
+        Works on an FSDP2-sharded model (built on meta, fully_shard-ed, to_empty-ed) as on a plain one, with the
+        same values: each tensor is drawn in blocks of rows, each block from its own generator seeded by
+        (one draw from `generator` or the global RNG, tensor, block), and a process draws only the blocks that
+        overlap its rows. So no process ever holds a whole tensor, and 1 or N processes start from one model.
+        """
+        base = int(torch.randint(2**62, (), generator=generator))
+        for i, (name, p) in enumerate(self.named_parameters()):
+            local, first = _local_rows(p)
+            if not local.numel():
+                continue
+            row = max(1, math.prod(p.shape[1:]))
+            block_rows = max(1, 2**20 // row)
+            for b in range(first // block_rows, -(-(first + local.shape[0]) // block_rows)):
+                gen = torch.Generator(local.device).manual_seed(hash((base, i, b)) % 2**63)
+                lo, hi = b * block_rows, min((b + 1) * block_rows, p.shape[0])
+                block = self._init_values(name, (hi - lo, *p.shape[1:]), gen, local.device)
+                a, z = max(lo, first), min(hi, first + local.shape[0])        # the rows this process holds
+                local[a - first:z - first].copy_(block[a - lo:z - lo])
         for name, b in self.named_buffers():
             b.zero_()                                                       # e_score_correction_bias
+
+    def _init_values(self, name, shape, gen, device):
+        cfg, std = self.config, self.config.initializer_range
+        out_std = std / math.sqrt(2 * cfg.num_hidden_layers) if cfg.rescale_prenorm_residual else std
+        leaf = name.rsplit(".", 1)[-1]
+        t = torch.empty(shape, device=device)
+        if name.endswith(("norm.weight", "norm_f.weight")) or leaf == "D":
+            return t.fill_(1.0)
+        if leaf == "bias":
+            return t.zero_()
+        if leaf == "A_log":         # A = -uniform(1, 16)
+            return t.uniform_(1, 16, generator=gen).log_()
+        if leaf == "dt_bias":       # softplus(dt_bias) = dt ~ log-uniform(time_step_min, time_step_max)
+            lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+            dt = torch.exp(t.uniform_(lo, hi, generator=gen)).clamp(min=cfg.time_step_floor)
+            return dt + torch.log(-torch.expm1(-dt))                        # inverse softplus
+        if "conv1d" in name:
+            bound = 1 / math.sqrt(cfg.conv_kernel)                          # nn.Conv1d's default fan-in bound
+            return t.uniform_(-bound, bound, generator=gen)
+        if name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight", "experts.down_proj")):
+            return t.normal_(0.0, out_std, generator=gen)
+        return t.normal_(0.0, std, generator=gen)
 
     def num_params(self):
         """{'total', 'active' (what one token uses: k of E routed experts), 'embedding'} parameter counts."""

@@ -149,22 +149,22 @@ def build_model(cfg, d):
     The model to train, sharded over the processes (FSDP2; one process: the plain model). A checkpoint directory
     is loaded straight into the shards: built on the meta device, sharded, allocated, then each process reads
     only its own rows from the safetensors, so no process ever holds the whole model. A config.json starts from
-    scratch (the same seeded init on every process).
+    scratch the same way: meta, sharded, allocated, then each process initialises its own rows (Model.init_weights
+    draws the same values for 1 or N processes).
     """
     sharding = dict(bf16=cfg.bf16, activation_checkpointing=cfg.activation_checkpointing)
-    if os.path.isdir(cfg.model):
-        with torch.device("meta"):
-            model = Model(Model.config_from_pretrained(cfg.model))
-        model = common.shard_model(model, d, **sharding)
-        model.to_empty(device=d.device)                 # fp32 master weights
-        model.load_hf_weights(cfg.model)
-    elif os.path.exists(cfg.model):
-        torch.manual_seed(cfg.seed)
-        with torch.device(d.device):
-            model = Model(ModelConfig.from_json(cfg.model))
-        model = common.shard_model(model, d, **sharding)
-    else:
+    if not os.path.exists(cfg.model):
         raise FileNotFoundError(f"--model {cfg.model}: no such checkpoint directory or config file")
+    from_checkpoint = os.path.isdir(cfg.model)
+    with torch.device("meta"):
+        model = Model(Model.config_from_pretrained(cfg.model) if from_checkpoint
+                      else ModelConfig.from_json(cfg.model))
+    model = common.shard_model(model, d, **sharding)
+    model.to_empty(device=d.device)                     # fp32 master weights, this process's shards only
+    if from_checkpoint:
+        model.load_hf_weights(cfg.model)
+    else:
+        model.init_weights(torch.Generator().manual_seed(cfg.seed))     # the same model on every process
     model.config.moe_bias_update_rate = cfg.moe_bias_update_rate
     return model
 

@@ -175,3 +175,49 @@ def test_lm_head_weight_gradient_accumulates_in_fp32_at_long_t():
     ChunkedLogprobs.apply(h, w, targets, 1.0, 32).sum().backward()
     assert w.grad.dtype == torch.bfloat16
     assert ((w.grad.double() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+# -- from scratch at size: meta device, sharded, initialised on the shards ---------------------------------------
+
+
+MIDSIZE = dict(vocab_size=32768, hidden_size=512, hybrid_override_pattern="MEM*EMEM*E", num_attention_heads=8,
+               num_key_value_heads=2, head_dim=64, mamba_num_heads=16, mamba_head_dim=32, n_groups=2,
+               ssm_state_size=32, n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=512,
+               moe_shared_expert_intermediate_size=512)
+
+BUILD_SCRIPT = """
+import json, resource, sys, types, torch, common, sft
+from model import Model, ModelConfig
+d = common.init_dist("cpu")
+cfg = types.SimpleNamespace(model=sys.argv[1], bf16=False, activation_checkpointing=False, seed=3,
+                            moe_bias_update_rate=0.0)
+with torch.device("meta"):     # the lazy imports of a first model build, outside the measurement
+    Model(ModelConfig.from_json(sys.argv[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = sft.build_model(cfg, d)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+local = sum(p.to_local().numel() * 4 for p in model.parameters())
+full = common.full_state_dict(model, d)
+if d.is_main:
+    with torch.device("meta"):
+        ref = Model(ModelConfig.from_json(sys.argv[1]))
+    ref.to_empty(device="cpu").init_weights(torch.Generator().manual_seed(3))
+    same = all(torch.equal(full[k], v) for k, v in ref.state_dict().items())
+    total = sum(p.numel() * 4 for p in ref.parameters())
+    json.dump(dict(grown=grown, local=local, total=total, same=same), open(sys.argv[2], "w"))
+common.close_dist()
+"""
+
+
+def test_midsize_model_from_scratch_never_whole_on_one_process(tmp_path):
+    (tmp_path / "model.json").write_text(json.dumps(small_config(**MIDSIZE).to_hf()))
+    script = tmp_path / "build.py"
+    script.write_text(BUILD_SCRIPT.replace("sys.argv[1]", repr(str(tmp_path / "model.json")))
+                      .replace("sys.argv[2]", repr(str(tmp_path / "out.json"))))
+    torchrun(str(script))
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["total"] > 400e6                              # 110M parameters in fp32
+    assert got["same"]                                       # the shards are the one-process init
+    assert got["local"] <= got["total"] / 2 + 1e6
+    # the peak resident memory building it grew by about this process's shard, never the whole model
+    assert got["grown"] < 0.7 * got["total"], got
