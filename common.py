@@ -761,3 +761,145 @@ def plot_metrics(metrics_path, png_path, keys):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+# ================================================================================================================
+# RL and distillation plumbing (owned by rl.py / distill.py): a policy from an HF export, the padded
+# prompt + completion batch, the trainer's log-probs of the completion tokens, held-out scores per domain, and
+# cascade.json, the one record of every checkpoint's scores that rl.py, distill.py and the scoreboard read.
+
+
+def load_policy(path, d: Dist, bf16=False, activation_checkpointing=False, trainable=True):
+    """
+    A model from an HF export directory, sharded over the processes (FSDP2; one process: the plain model): built
+    on the meta device, sharded, allocated, then each process reads only its own rows from the safetensors, so
+    no process ever holds the whole model. trainable=False gives a frozen model in eval mode (a reference model
+    or an MOPD teacher), sharded like the student.
+    """
+    from model import Model
+    if not os.path.isfile(os.path.join(str(path), "config.json")):
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (an HF export with config.json + safetensors)")
+    with torch.device("meta"):
+        model = Model(Model.config_from_pretrained(path))
+    model = shard_model(model, d, bf16=bf16, activation_checkpointing=activation_checkpointing)
+    model.to_empty(device=d.device)                 # fp32 master weights
+    model.load_hf_weights(path)
+    if not trainable:
+        model.requires_grad_(False).eval()
+    return model
+
+
+def check_tokenizer(tokenizer, model_config, where):
+    """Refuse a tokenizer the checkpoint cannot have been trained with: ids beyond the model's vocabulary, or a
+    tokenizer without the chat template's special tokens as single ids (the shipped data is rendered with them)."""
+    from tokenizer import IM_END, IM_START, THINK_CLOSE, THINK_OPEN
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{model_config.vocab_size}: not this checkpoint's tokenizer")
+    for token in (IM_START, IM_END, THINK_OPEN, THINK_CLOSE):
+        try:
+            tokenizer.token_id(token)
+        except KeyError:
+            raise ValueError(f"{where}: the tokenizer has no single token {token!r}, which the chat template "
+                             f"the data is rendered with needs") from None
+
+
+def rollout_batch(prompts, completions, pad_id=0):
+    """
+    Rows `prompt + completion`, right-padded: ids [B, T] and targets [B, T], where targets[b, t] is the
+    completion token at t + 1 (so the model's log-prob at t is log pi(that token | everything before it)) and
+    -100 at prompt and padding positions. Right padding needs no attention mask: every layer is causal (attention
+    and the Mamba scan), so padding after a row's tokens never reaches them, and no [T, T] mask is built.
+    """
+    rows = [list(p) + list(c.tokens) for p, c in zip(prompts, completions)]
+    T = max(len(r) for r in rows) - 1                   # the last token of a row predicts nothing
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), T), -100, dtype=torch.long)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        n = len(rows[b]) - 1
+        ids[b, :n] = torch.tensor(rows[b][:n])
+        if c.tokens:
+            targets[b, len(p) - 1:n] = torch.tensor(c.tokens)
+    return ids, targets
+
+
+def completion_logprobs(model, ids, targets, device):
+    """log pi(target) [B, T] (0 where target < 0), through model(..., targets=...) so FSDP's hooks fire, in
+    vocab-sized chunks (never [B*T, V] fp32 logits). Differentiable unless called under no_grad."""
+    return model(ids.to(device), targets=targets.to(device))
+
+
+def held_out_examples(path, per_domain=0):
+    """The held-out examples of a file, the first per_domain of each domain (0 = all)."""
+    import collections
+
+    import tasks
+    examples = tasks.load_examples(path, verbose=False)
+    if per_domain:
+        taken, kept = collections.Counter(), []
+        for ex in examples:
+            taken[ex["domain"]] += 1
+            if taken[ex["domain"]] <= per_domain:
+                kept.append(ex)
+        examples = kept
+    return examples
+
+
+def evaluate_domains(model, tokenizer, examples, d: Dist, max_new_tokens, thinking=True, batch_size=64):
+    """
+    Greedy pass@1 per domain ({domain: fraction}) of the model on held-out examples. Every process generates
+    and grades its share (examples[rank::world]); the per-example rewards are gathered. Works on the sharded
+    model that trains: the weights are gathered once for the whole evaluation.
+    """
+    import collections
+
+    import sample
+    mine = examples[d.rank::d.world_size]
+    with sample.sampling_weights(model):
+        result = sample.evaluate(model, tokenizer, mine, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                                 thinking=thinking, batch_size=batch_size, seed=0)
+    pairs = [(ex["domain"], rs[0]) for ex, rs in zip(mine, result["rewards"])]
+    if d.world_size > 1:
+        gathered = [None] * d.world_size
+        dist.all_gather_object(gathered, pairs)
+        pairs = [p for part in gathered for p in part]
+    by_domain = collections.defaultdict(list)
+    for domain, r in pairs:
+        by_domain[domain].append(r)
+    return {domain: sum(rs) / len(rs) for domain, rs in sorted(by_domain.items())}
+
+
+def read_cascade(path):
+    """cascade.json: {"domains": [...], "rows": [{"name", "checkpoint", "trained", "scores": {domain: pass@1},
+    ...}, ...]}, rows in pipeline order (SFT, each RL stage, MOPD). Empty when the file does not exist yet."""
+    if not os.path.exists(path):
+        return {"domains": [], "rows": []}
+    with open(path) as f:
+        try:
+            cascade = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cascade, dict) or not isinstance(cascade.get("rows"), list):
+        raise ValueError(f"{path}: expected {{\"domains\": [...], \"rows\": [...]}}")
+    for i, row in enumerate(cascade["rows"]):
+        missing = [k for k in ("name", "checkpoint", "scores") if k not in row]
+        if missing:
+            raise ValueError(f"{path}: rows[{i}] lacks {missing}")
+    return cascade
+
+
+def cascade_row(cascade, name):
+    return next((r for r in cascade["rows"] if r["name"] == name), None)
+
+
+def write_cascade_row(path, row, d: Dist):
+    """Add a row to cascade.json, or replace the row of the same name in place; atomic (main process only)."""
+    if d.is_main:
+        cascade = read_cascade(path)
+        rows = [r for r in cascade["rows"] if r["name"] != row["name"]]
+        at = next((i for i, r in enumerate(cascade["rows"]) if r["name"] == row["name"]), len(rows))
+        rows.insert(at, row)
+        domains = sorted({dom for r in rows for dom in r["scores"]})
+        _write_atomic(path, json.dumps({"domains": domains, "rows": rows}, indent=2) + "\n")
+    if d.world_size > 1:
+        dist.barrier()

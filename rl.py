@@ -1,0 +1,522 @@
+"""
+Stage 2 of Nemotron-Cascade 2: Cascade RL with GRPO, one domain group per stage.
+
+An ordered list of stages (a JSON preset in configs/), each RL-training its own domains from the previous stage's
+export: the tiny default runs IF-RL -> multi-domain RL (MCQA + tool calling + JSON) -> code RL from the SFT
+export; math is not trained by RL, as in the paper. Every step, strictly on-policy (DESIGN.md section 7):
+
+    1. sample `rollouts` completions for each of `prompts_per_step` prompts with sample.generate, on the very
+       model that trains (under FSDP2 the weights are gathered once for the whole rollout phase);
+    2. grade them with the tasks' verifiers (a completion cut off by max_new_tokens scores 0); with dynamic
+       filtering, groups whose rewards are all equal carry no signal: drop them and sample more prompts;
+    3. A_i = (r_i - mean(group)) / max(std(group), floor), one value for every token of rollout i;
+    4. L = -(1 / sum_i |o_i|) sum_i sum_t A_i log pi(o_i,t), normalised by the valid tokens of the whole batch
+       (all micro-batches and processes), then exactly one optimizer step: the PPO ratio is exactly 1.
+
+    python rl.py --init out/sft/export                       # the tiny default (configs/rl_tiny.json)
+    torchrun --nproc_per_node=8 rl.py --config configs/rl_nano_30b.json --init /path/to/sft_export --bf16
+    python rl.py --help                                      # run options; stage options are listed below
+
+Writes to out_dir: <stage>/ (metrics.jsonl, curves.png, checkpoints/, export/) per stage and cascade.json, one
+row per checkpoint (the start, each stage) with held-out greedy pass@1 per domain and the checkpoint path.
+Rerun the same command: finished stages are skipped, an interrupted one resumes from its latest checkpoint
+with exactly the rewards and losses of an uninterrupted run (rollouts are seeded by seed, stage, step, rank).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import common
+import sample
+import tasks
+from model import Model
+from tokenizer import encode_prompt, load_tokenizer
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"  # the stage's sub-directory of out_dir and its row in cascade.json
+    domains: tuple[str, ...] = ("if",)  # domains this stage trains on
+    weights: tuple[float, ...] = ()  # share of each domain's prompts in a batch (empty = equal shares)
+    steps: int = 20  # optimizer steps, one per rollout batch (paper: IF-RL ~180, multi-domain ~70, code 22)
+    prompts_per_step: int = 8  # prompts (GRPO groups) per batch, across processes (paper: 128)
+    rollouts: int = 8  # completions per prompt (paper: 16)
+    micro_batch: int = 32  # rollouts per forward/backward on each process
+    lr: float = 3e-6  # learning rate (paper: 3e-6)
+    warmup_steps: int = 0  # linear warmup steps from 0
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (paper: 0.9, 0.95)
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    max_new_tokens: int = 128  # rollout token budget; a completion cut off here scores 0
+    temperature: float = 1.0  # rollout temperature (paper: 1.0; anything else is not the policy's distribution)
+    top_p: float = 1.0  # rollout nucleus mass (paper: 1.0; code RL 0.95)
+    thinking: bool = True  # render prompts in thinking mode
+    kl_coef: float = 0.0  # k3 KL penalty to the stage's frozen starting model (paper: 0 except RLHF's 0.03)
+    adv_std_floor: float = 0.05  # floor on the group std in the advantage: a near-constant group cannot blow up
+    dynamic_filtering: bool = True  # drop groups whose rewards are all equal and sample more prompts
+    max_fill_rounds: int = 3  # extra sampling rounds to fill a filtered batch; then warn and train on what is kept
+    eval_every: int = 0  # held-out evaluation every N steps (0 = at the start and end of the stage only)
+
+
+DEFAULT_PRESET = "configs/rl_tiny.json"
+
+
+@dataclass
+class RLConfig:
+    init: str = "out/sft/export"  # HF export the first stage starts from (and the "sft" row of cascade.json)
+    init_name: str = "sft"  # the cascade.json row name of the init checkpoint
+    out_dir: str = "out/rl"  # one sub-directory per stage, and cascade.json
+    train_data: str = "data/rl.jsonl"  # RL prompts (any source tasks.load_examples reads)
+    eval_data: str = "data/eval.jsonl"  # held-out examples scored per domain (greedy pass@1)
+    eval_per_domain: int = 30  # held-out examples per domain (0 = all)
+    eval_max_new_tokens: int = 96  # generation budget of the held-out evaluation
+    eval_batch_size: int = 64  # held-out prompts per generate call
+    only: tuple[str, ...] = ()  # run only these stages (names; empty = all); the others must be finished
+    max_steps: int = 0  # cap every stage's steps (smoke tests; 0 = the preset's)
+    seed: int = 0  # prompt draws and rollouts: seeded by (seed, stage, step, rank, round)
+    device: str = "auto"  # auto, cpu or cuda
+    bf16: bool = False  # bf16 compute with fp32 master weights and reductions (FSDP, GPU)
+    activation_checkpointing: bool = False  # recompute each layer in backward to save memory
+    save_every: int = 10  # checkpoint every N steps of a stage (0 = only at its end)
+    keep_last: int = 2  # checkpoints kept per stage
+    export_dtype: str = ""  # dtype of each stage's HF export: bfloat16, float32 or empty = as trained
+    wandb_project: str = ""  # also log to Weights & Biases when set and wandb is installed
+    inject_kill_at_step: int = -1  # fault injection for tests: SIGKILL as this step of a stage starts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: run options through common.parse_config; the preset's "stages" list, one StageConfig each
+
+
+def _stage_help():
+    comments = common._field_comments(StageConfig)
+    lines = [f"  {f.name} = {f.default!r}: {comments.get(f.name, '')}" for f in fields(StageConfig)]
+    return "stage options (each stage of the preset's \"stages\" list; unset ones take these defaults):\n" + \
+        "\n".join(lines)
+
+
+def parse_args(argv=None):
+    """(RLConfig, [StageConfig]): the preset's run options under the command line's, and its stages."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=DEFAULT_PRESET)
+    known, rest = pre.parse_known_args(argv)
+    path = known.config
+    try:
+        with open(path) as f:
+            preset = json.load(f)
+    except FileNotFoundError:
+        sys.exit(f"rl.py: --config {path}: no such file")
+    except json.JSONDecodeError as e:
+        sys.exit(f"rl.py: --config {path}: not valid JSON ({e})")
+    if not isinstance(preset, dict) or not isinstance(preset.get("stages", []), list):
+        sys.exit(f"rl.py: --config {path}: expected a JSON object with a \"stages\" list")
+    stages_raw = preset.pop("stages", [])
+    where = path
+    try:                                # the preset's run options and stages, checked with the file named
+        common.config_from_dict(RLConfig, preset, source=path)
+        stages = []
+        for i, s in enumerate(stages_raw):
+            where = f"{path}: stages[{i}]"
+            if not isinstance(s, dict):
+                raise ValueError("expected an object of stage options")
+            stages.append(common.config_from_dict(StageConfig, s, source=where))
+    except (ValueError, TypeError) as e:
+        sys.exit(f"rl.py: {e}" if str(e).startswith(where) else f"rl.py: {where}: {e}")
+    as_flag = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    flags = [f"--{k}={as_flag(v)}" for k, v in preset.items()]          # the command line comes after: it wins
+    cfg = common.parse_config(RLConfig, flags + rest, description=__doc__ + f"\n--config defaults to {DEFAULT_PRESET}"
+                              " (run options as below, and \"stages\": a list of stage option dicts).\n\n" +
+                              _stage_help())
+    return cfg, stages, path
+
+
+def check_stages(stages, cfg, d, source="preset"):
+    """Named errors for a bad stage list, before anything is loaded."""
+    if not stages:
+        raise ValueError(f"{source}: no stages")
+    names = [s.name for s in stages]
+    for i, s in enumerate(stages):
+        where = f"{source}: stage {i} ({s.name!r})"
+        if not re.fullmatch(r"[\w.-]+", s.name) or s.name in (cfg.init_name, "mopd"):
+            raise ValueError(f"{where}: name must be a plain directory name other than {cfg.init_name!r}/'mopd'")
+        if names.count(s.name) > 1:
+            raise ValueError(f"{where}: the name appears twice")
+        unknown = [dom for dom in s.domains if dom not in tasks.GRADED_DOMAINS]
+        if unknown or not s.domains:
+            raise ValueError(f"{where}: unknown domain(s) {unknown or '(none given)'}; "
+                             f"domains with a verifier: {', '.join(tasks.GRADED_DOMAINS)}")
+        if s.weights and (len(s.weights) != len(s.domains) or min(s.weights) < 0 or sum(s.weights) <= 0):
+            raise ValueError(f"{where}: weights {s.weights} must be one non-negative number per domain "
+                             f"{s.domains}, not all zero")
+        if s.rollouts < 2:
+            raise ValueError(f"{where}: rollouts must be >= 2 (a group of one has no baseline)")
+        if s.prompts_per_step < 1 or s.prompts_per_step % d.world_size:
+            raise ValueError(f"{where}: prompts_per_step {s.prompts_per_step} must be a positive multiple of "
+                             f"the {d.world_size} processes")
+        if s.temperature <= 0 or not 0 < s.top_p <= 1:
+            raise ValueError(f"{where}: rollouts need temperature > 0 and top_p in (0, 1]")
+        if s.steps < 1 or s.micro_batch < 1 or s.max_new_tokens < 1:
+            raise ValueError(f"{where}: steps, micro_batch and max_new_tokens must be >= 1")
+    cfg.only = tuple(n for n in cfg.only if n)
+    missing = [n for n in cfg.only if n not in names]
+    if missing:
+        raise ValueError(f"--only: no stage named {missing} in {source} (stages: {names})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRPO: advantages and the loss
+
+
+def group_advantages(rewards, group_size, std_floor):
+    """A_i = (r_i - mean(r_group)) / max(std(r_group), std_floor), rewards [G * n] grouped by prompt. The std is
+    the unbiased one (as verl and TRL); the floor keeps a near-constant group from getting huge advantages."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
+    std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+    return ((r - r.mean(dim=1, keepdim=True)) / std.clamp(min=std_floor)).view(-1)
+
+
+def grpo_loss(logprobs, advantages, mask, n_tokens, ref_logprobs=None, kl_coef=0.0):
+    """
+    The token-level GRPO loss of DESIGN.md section 7 over one micro-batch, normalised by n_tokens, the valid
+    tokens of the WHOLE batch (all micro-batches and processes), so splitting the batch changes nothing:
+        L = -(1 / n_tokens) sum_i sum_t A_i log pi(o_i,t)  [+ kl_coef (1 / n_tokens) sum k3_t]
+    One optimizer step per batch means pi = pi_old, so the PPO ratio is exactly 1 and this is its gradient.
+    k3_t = exp(ref_t - lp_t) - (ref_t - lp_t) - 1, the non-negative, unbiased KL(pi || ref) estimator.
+    logprobs [B, T] (trainer), advantages [B], mask [B, T] (the completion tokens).
+    """
+    loss = -(advantages[:, None] * logprobs * mask).sum() / n_tokens
+    if kl_coef > 0:
+        diff = (ref_logprobs - logprobs) * mask
+        loss = loss + kl_coef * ((diff.exp() - diff - 1) * mask).sum() / n_tokens
+    return loss
+
+
+def train_step(model, prompts, completions, advantages, micro_batch, grad_clip, d, pad_id=0,
+               ref_model=None, kl_coef=0.0):
+    """
+    The gradient of one batch from this process's rollouts (prompts[i] + completions[i], advantage[i]), clipped;
+    the caller takes the optimizer step. Every process
+    runs the same number of forward/backward passes (FSDP's collectives must pair up; a process with fewer rows
+    runs empty ones). Returns the batch's loss, grad norm, and the trainer log-probs of every sampled token
+    (row by row) for the sampler/trainer consistency check.
+    """
+    n_local = sum(len(c.tokens) for c in completions)
+    n_tokens = common.all_reduce_sum(torch.tensor(float(n_local), device=d.device), d).clamp(min=1)
+    n_micro = torch.tensor(float(math.ceil(len(completions) / micro_batch)), device=d.device)
+    if d.world_size > 1:
+        dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+    adv = torch.as_tensor(advantages, dtype=torch.float32, device=d.device)
+    loss_sum, trainer_lp = torch.zeros((), device=d.device), []
+    for m in range(int(n_micro.item())):
+        rows = slice(m * micro_batch, (m + 1) * micro_batch)
+        c_rows = completions[rows] or [sample.Completion([], [], "length")]           # an empty pass
+        p_rows = prompts[rows] or [[pad_id, pad_id]]
+        ids, targets = common.rollout_batch(p_rows, c_rows, pad_id)
+        mask = (targets >= 0).to(d.device)
+        lp = common.completion_logprobs(model, ids, targets, d.device)
+        ref = None
+        if ref_model is not None and kl_coef > 0:
+            with torch.no_grad():
+                ref = common.completion_logprobs(ref_model, ids, targets, d.device)
+        a = adv[rows] if completions[rows] else torch.zeros(1, device=d.device)
+        loss = grpo_loss(lp, a, mask, n_tokens, ref, kl_coef)
+        (loss * d.world_size).backward()              # FSDP averages gradients over processes: undo it
+        loss_sum += loss.detach()
+        trainer_lp += [row[msk].tolist() for row, msk in zip(lp.detach().float(), mask)][:len(completions[rows])]
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    loss = common.all_reduce_sum(loss_sum, d).item()
+    return loss, grad_norm, trainer_lp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollouts: draw prompts, sample groups, grade, and (dynamic filtering) refill the batch
+
+
+def rollout_seed(*keys):
+    """A generator seed from (seed, stage, step, rank, round): a resumed run samples exactly what it would have."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def draw_prompts(pools, weights, count, *keys):
+    """`count` (domain, index) draws, the domain by weight, then a prompt of it uniformly; seeded by keys."""
+    rng = np.random.default_rng([int(k) for k in keys])
+    doms = rng.choice(len(pools), size=count, p=np.asarray(weights) / sum(weights))
+    return [(int(k), int(rng.integers(len(pools[k])))) for k in doms]
+
+
+def grade(examples, texts, finished, workers=None):
+    """Reward of each response; a response cut off by the token budget scores 0 without being graded. Graded in
+    parallel threads (code runs in sandbox processes, math in its worker processes)."""
+    jobs = [i for i, ok in enumerate(finished) if ok]
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        scores = list(pool.map(lambda i: tasks.reward(examples[i], texts[i]), jobs))
+    rewards = [0.0] * len(texts)
+    for i, r in zip(jobs, scores):
+        rewards[i] = float(r)
+    return rewards
+
+
+def fill_batch(rollout_round, prompts_per_step, dynamic_filtering, max_fill_rounds, d):
+    """
+    The groups to train on. rollout_round(round, count) samples and grades `count` new prompts (this process
+    handles its share) and returns its groups, each a dict with "rewards". Without filtering: one round. With
+    it: a group whose rewards are all equal has zero advantage everywhere (no signal), so it is dropped and more
+    prompts are sampled, round after round, until prompts_per_step groups are kept or max_fill_rounds extra
+    rounds are spent; then it warns and returns what it has (possibly nothing) rather than loop. The kept groups
+    are the first prompts_per_step in draw order across processes, the same choice on every process.
+    Returns (this process's kept groups, every sampled group of this process, prompts drawn in total).
+    """
+    kept, sampled, drawn, n_kept = [], [], 0, 0
+    for rnd in range(1 + (max_fill_rounds if dynamic_filtering else 0)):
+        count = prompts_per_step if rnd == 0 else \
+            math.ceil((prompts_per_step - n_kept) / d.world_size) * d.world_size
+        groups = rollout_round(rnd, count)
+        sampled += groups
+        drawn += count
+        signal_ = torch.zeros(count)                   # 1 where a group has reward variance, over all processes
+        for j, g in zip(range(d.rank, count, d.world_size), groups):
+            signal_[j] = float(not dynamic_filtering or max(g["rewards"]) > min(g["rewards"]))
+        signal_ = common.all_reduce_sum(signal_.to(d.device), d).cpu()
+        take = (signal_ > 0) & (signal_.cumsum(0) + n_kept <= prompts_per_step)
+        kept += [g for j, g in zip(range(d.rank, count, d.world_size), groups) if take[j]]
+        n_kept += int(take.sum())
+        if n_kept >= prompts_per_step:
+            break
+    if n_kept < prompts_per_step and d.is_main:
+        warnings.warn(f"dynamic filtering: only {n_kept} of {prompts_per_step} groups have reward variance after "
+                      f"{max_fill_rounds} refill rounds; training on those")
+    return kept, sampled, drawn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One stage
+
+
+def run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_examples):
+    stage_dir = os.path.join(cfg.out_dir, stage.name)
+    model = common.load_policy(start_from, d, cfg.bf16, cfg.activation_checkpointing)
+    ref_model = common.load_policy(start_from, d, cfg.bf16, trainable=False) if stage.kl_coef > 0 else None
+    optimizer = common.make_optimizer(model, stage.lr, stage.betas, stage.weight_decay)
+    ckpt = common.Checkpointer(stage_dir, d, keep_last=cfg.keep_last)
+    start_step, latest = 0, ckpt.latest()
+    if latest:
+        start_step = ckpt.load(latest, model, optimizer)["step"]
+        if d.is_main:
+            print(f"rl[{stage.name}]: resuming from {latest} (step {start_step})")
+    log = common.MetricsLog(stage_dir, d, resume_step=start_step, wandb_project=cfg.wandb_project or None,
+                            run_config=dict(asdict(cfg), stage=asdict(stage)))
+    steps = min(stage.steps, cfg.max_steps) if cfg.max_steps else stage.steps
+
+    # the stage's prompts, encoded once, with the named checks
+    pools, prompt_ids = [], []
+    for dom in stage.domains:
+        pool = [ex for ex in train_examples if ex["domain"] == dom]
+        if not pool:
+            raise ValueError(f"stage {stage.name!r}: --train_data {cfg.train_data} has no prompts of domain "
+                             f"{dom!r}")
+        ids = [encode_prompt(tokenizer, tasks.prompt_messages(ex), tools=ex.get("tools"), thinking=stage.thinking)
+               for ex in pool]
+        context = model.config.max_position_embeddings
+        for i, p in enumerate(ids):
+            if len(p) + stage.max_new_tokens > context:
+                raise ValueError(f"stage {stage.name!r}: prompt {i} of domain {dom!r} in {cfg.train_data} has "
+                                 f"{len(p)} tokens; with max_new_tokens {stage.max_new_tokens} it exceeds the "
+                                 f"model's context of {context}")
+        pools.append(pool)
+        prompt_ids.append(ids)
+    weights = stage.weights or [1.0] * len(stage.domains)
+    if d.is_main:
+        print(f"rl[{stage.name}]: {steps} steps of {stage.prompts_per_step} prompts x {stage.rollouts} rollouts on "
+              f"{dict(zip(stage.domains, weights))} ({', '.join(f'{len(p)} {dom}' for p, dom in zip(pools, stage.domains))} "
+              f"prompts), from {start_from}")
+
+    def rollout_round(step, rnd, count):
+        draws = draw_prompts(pools, weights, count, cfg.seed, index, step, rnd)[d.rank::d.world_size]
+        prompts = [prompt_ids[k][i] for k, i in draws]
+        t0 = time.perf_counter()
+        with sample.sampling_weights(model):
+            outs = sample.generate(model, prompts, stage.max_new_tokens, temperature=stage.temperature,
+                                   top_p=stage.top_p, n=stage.rollouts, stop_token_ids=tokenizer.stop_token_ids,
+                                   seed=rollout_seed(cfg.seed, index, step, d.rank, rnd), raw_logprobs=True)
+        t1 = time.perf_counter()
+        examples = [pools[k][i] for k, i in draws for _ in range(stage.rollouts)]
+        texts = [sample.response_text(tokenizer, c, stage.thinking) for c in outs]
+        rewards = grade(examples, texts, [c.finish_reason == "stop" for c in outs])
+        timing["sample"] += t1 - t0
+        timing["score"] += time.perf_counter() - t1
+        n = stage.rollouts
+        return [dict(domain=stage.domains[k], prompt=prompts[j], completions=outs[j * n:(j + 1) * n],
+                     rewards=rewards[j * n:(j + 1) * n]) for j, (k, _) in enumerate(draws)]
+
+    def evaluate():
+        t0 = time.perf_counter()
+        scores = common.evaluate_domains(model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens,
+                                         stage.thinking, cfg.eval_batch_size)
+        return scores, time.perf_counter() - t0
+
+    model.train()
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"rl[{stage.name}]",
+               disable=not d.is_main, dynamic_ncols=True)
+    for step in bar:
+        if step == cfg.inject_kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        timing = dict(sample=0.0, score=0.0)
+        lr = common.lr_at(step, stage.lr, stage.warmup_steps, steps, "constant")
+        common.set_lr(optimizer, lr)
+        kept, sampled, drawn = fill_batch(lambda rnd, count: rollout_round(step, rnd, count),
+                                          stage.prompts_per_step, stage.dynamic_filtering, stage.max_fill_rounds, d)
+
+        t_train = time.perf_counter()
+        prompts = [g["prompt"] for g in kept for _ in g["completions"]]
+        completions = [c for g in kept for c in g["completions"]]
+        rewards = [r for g in kept for r in g["rewards"]]
+        advantages = group_advantages(rewards, stage.rollouts, stage.adv_std_floor) if kept else torch.zeros(0)
+        n_kept = int(common.all_reduce_sum(torch.tensor(float(len(kept)), device=d.device), d).item())
+        if n_kept:
+            loss, grad_norm, trainer_lp = train_step(model, prompts, completions, advantages,
+                                                     stage.micro_batch, stage.grad_clip, d, tokenizer.pad_id,
+                                                     ref_model, stage.kl_coef)
+            common.check_finite(step, loss=loss, grad_norm=grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:                                           # nothing to learn from: no update this step
+            loss, grad_norm, trainer_lp = 0.0, 0.0, []
+        imbalance = common.balance_experts(model, d)
+        timing["train"] = time.perf_counter() - t_train
+
+        metrics = step_metrics(sampled, completions, trainer_lp, stage, drawn, d)
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=lr, groups_kept=n_kept, expert_imbalance=imbalance,
+                       time_sample=timing["sample"], time_score=timing["score"], time_train=timing["train"],
+                       rollout_tokens_per_s=metrics.pop("rollout_tokens") / max(timing["sample"], 1e-9),
+                       peak_mem_mb=common.peak_memory_mb(d.device))
+        done = step + 1
+        if stage.eval_every and done % stage.eval_every == 0 and done < steps:
+            scores, _ = evaluate()
+            metrics.update({f"eval_{dom}": s for dom, s in scores.items()})
+        log.log(done, **metrics)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{loss:.4f}", gnorm=f"{grad_norm:.2f}",
+                        zero_var=f"{metrics['zero_var_frac']:.2f}")
+        if (cfg.save_every and done % cfg.save_every == 0) or done == steps:
+            ckpt.save(done, model, optimizer, dict(stage=stage.name))
+    bar.close()
+
+    # export, evaluate on every domain, plot, record
+    export_dir = os.path.join(stage_dir, "export")
+    common.export_hf(model, tokenizer, export_dir, d,
+                     dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
+    scores, seconds = evaluate()
+    log.log(steps, **{f"eval_{dom}": s for dom, s in scores.items()}, eval_seconds=seconds)
+    if d.is_main:
+        keys = [f"reward_{dom}" for dom in stage.domains] + [f"eval_{dom}" for dom in scores] + \
+               ["zero_var_frac", "response_len", "truncated_frac", "entropy", "logprob_diff_mean", "grad_norm",
+                "time_sample", "time_score", "time_train"]
+        common.plot_metrics(log.path, os.path.join(stage_dir, "curves.png"), keys)
+    return export_dir, scores
+
+
+def step_metrics(sampled, completions, trainer_lp, stage, drawn, d):
+    """Per-step health numbers over every group sampled this step (all processes): reward per domain, zero-variance
+    groups, response lengths, entropy (estimated as the mean -log p of the sampled tokens at temperature 1), and
+    |sampler - trainer| log-prob over the trained tokens."""
+    doms = list(stage.domains)
+    sums = torch.zeros(len(doms), 2)                                   # reward sum, rollout count per domain
+    lens = [len(c.tokens) for g in sampled for c in g["completions"]]
+    for g in sampled:
+        sums[doms.index(g["domain"])] += torch.tensor([sum(g["rewards"]), len(g["rewards"])])
+    n_zero = sum(max(g["rewards"]) == min(g["rewards"]) for g in sampled)
+    raw = [lp for g in sampled for c in g["completions"] for lp in c.raw_logprobs]
+    diffs = [abs(s - t) for c, tl in zip(completions, trainer_lp) for s, t in zip(c.raw_logprobs, tl)]
+    n_cut = sum(c.finish_reason == "length" for g in sampled for c in g["completions"])
+    local = torch.tensor([len(sampled), n_zero, len(lens), sum(lens), n_cut, -sum(raw), len(raw), sum(diffs),
+                          len(diffs)], dtype=torch.float64)
+    totals = common.all_reduce_sum(torch.cat([sums.flatten().double(), local]).to(d.device), d).cpu()
+    sums, local = totals[:2 * len(doms)].view(-1, 2), totals[2 * len(doms):]
+    groups, zero, n_resp, tok, cut, neg_lp, n_lp, diff, n_diff = local.tolist()
+    max_len = torch.tensor(float(max(lens, default=0)))
+    max_diff = torch.tensor(float(max(diffs, default=0.0)))
+    if d.world_size > 1:
+        for t in (max_len, max_diff):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    out = {f"reward_{dom}": float(s / max(c, 1)) for dom, (s, c) in zip(doms, sums.tolist()) if c}
+    out.update(reward=float(sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)), zero_var_frac=zero / max(groups, 1),
+               resampled_frac=(drawn - stage.prompts_per_step) / stage.prompts_per_step,
+               response_len=tok / max(n_resp, 1), response_len_max=max_len.item(), truncated_frac=cut / max(n_resp, 1),
+               entropy=neg_lp / max(n_lp, 1), logprob_diff_mean=diff / max(n_diff, 1),
+               logprob_diff_max=max_diff.item(), rollout_tokens=tok)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(cfg: RLConfig, stages: list, source="preset"):
+    d = common.init_dist(cfg.device)
+    check_stages(stages, cfg, d, source)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    cascade_path = os.path.join(cfg.out_dir, "cascade.json")
+    if not os.path.isfile(os.path.join(cfg.init, "config.json")):
+        raise FileNotFoundError(f"--init {cfg.init}: not an HF export directory (config.json + safetensors); "
+                                "run sft.py first")
+    tokenizer = load_tokenizer(cfg.init)
+    common.check_tokenizer(tokenizer, Model.config_from_pretrained(cfg.init), f"--init {cfg.init}")
+    train_examples = tasks.load_examples(cfg.train_data, verbose=d.is_main)
+    eval_examples = common.held_out_examples(cfg.eval_data, cfg.eval_per_domain)
+
+    # the starting checkpoint's row: the scores every stage is compared with
+    if common.cascade_row(common.read_cascade(cascade_path), cfg.init_name) is None:
+        model = common.load_policy(cfg.init, d, cfg.bf16)
+        t0 = time.perf_counter()
+        scores = common.evaluate_domains(model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens,
+                                         stages[0].thinking, cfg.eval_batch_size)
+        del model
+        common.write_cascade_row(cascade_path, dict(name=cfg.init_name, checkpoint=os.path.abspath(cfg.init),
+                                                    trained=[], scores=scores), d)
+        if d.is_main:
+            print(f"rl: {cfg.init_name} held-out pass@1 {fmt(scores)} ({time.perf_counter() - t0:.1f} s)")
+
+    start_from = cfg.init
+    for index, stage in enumerate(stages):
+        export_dir = os.path.join(cfg.out_dir, stage.name, "export")
+        row = common.cascade_row(common.read_cascade(cascade_path), stage.name)
+        if row is not None and os.path.isfile(os.path.join(export_dir, "config.json")):
+            if d.is_main:
+                print(f"rl[{stage.name}]: finished earlier ({fmt(row['scores'])}); skipping")
+            start_from = export_dir
+            continue
+        if cfg.only and stage.name not in cfg.only:
+            raise ValueError(f"--only {','.join(cfg.only)}: stage {stage.name!r} comes first and is not finished")
+        t0 = time.perf_counter()
+        export_dir, scores = run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_examples)
+        common.write_cascade_row(cascade_path, dict(name=stage.name, checkpoint=os.path.abspath(export_dir),
+                                                    trained=list(stage.domains), scores=scores,
+                                                    seconds=round(time.perf_counter() - t0, 1)), d)
+        if d.is_main:
+            print(f"rl[{stage.name}]: held-out pass@1 {fmt(scores)}; exported {export_dir}")
+        start_from = export_dir
+        if cfg.only and all(common.cascade_row(common.read_cascade(cascade_path), n) for n in cfg.only):
+            break
+    common.close_dist()
+    return common.read_cascade(cascade_path)
+
+
+def fmt(scores):
+    return " ".join(f"{dom} {s:.3f}" for dom, s in scores.items())
+
+
+if __name__ == "__main__":
+    main(*parse_args())

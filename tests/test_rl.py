@@ -1,0 +1,359 @@
+"""rl.py: GRPO advantages and loss by hand, the REINFORCE gradient and micro-batching, dynamic filtering, sampler vs
+trainer log-probs, a toy task that RL learns, 1 vs 2 processes, kill/resume, cascade.json, skips and errors."""
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import common
+import rl
+import sample
+import tasks
+from model import Model
+from tests.conftest import small_config
+from tests.test_sft import run_killing_group
+from tokenizer import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D1 = common.Dist()                                          # one process, CPU
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second thread only adds synchronisation (and on a busy machine, much of it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(**kw):
+    opts = dict(vocab_size=2048, hidden_size=32, hybrid_override_pattern="M*E", head_dim=8, mamba_head_dim=8,
+                ssm_state_size=8, chunk_size=16, n_routed_experts=4, moe_intermediate_size=16,
+                moe_shared_expert_intermediate_size=16)
+    opts.update(kw)
+    return small_config(**opts)
+
+
+def random_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Model(tiny_config(**kw))
+
+
+def toy_export(path, logits, seed=0, **kw):
+    """
+    An HF export whose next-token distribution starts context-free: every layer's output projection is zeroed and
+    every embedding is the ones vector, so the final hidden state is ones and logits = row sums of lm_head, set to
+    `logits` ({token id: logit}, -12 elsewhere). Its samples are short strings over a few tokens, so real verifiers
+    give groups with reward variance; training moves those logits.
+    """
+    model = random_model(seed, **kw)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("out_proj.weight", "o_proj.weight", "down_proj", "down_proj.weight")):
+                p.zero_()
+        model.backbone.embeddings.weight.fill_(1.0)
+        H = model.config.hidden_size
+        model.lm_head.weight.fill_(-12.0 / H)
+        for t, logit in logits.items():
+            model.lm_head.weight[t] = logit / H
+    model.save_pretrained(path, state_dict=model.state_dict())
+    load_tokenizer().save_pretrained(path)
+    return path
+
+
+# -- advantages and the loss, by hand ----------------------------------------------------------------------------
+
+
+def test_advantages_by_hand():
+    # group 1 has signal; group 2 is constant (zero advantage, no NaN); group 3 is nearly constant (the floor)
+    adv = rl.group_advantages([1, 0, 0, 1, 1, 1, 0.5, 0.5, 0.52], group_size=3, std_floor=0.05)
+    std1 = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)            # unbiased std of (1, 0, 0)
+    expected = [(2 / 3) / std1, -(1 / 3) / std1, -(1 / 3) / std1, 0, 0, 0,
+                (0.5 - 0.50666667) / 0.05, (0.5 - 0.50666667) / 0.05, (0.52 - 0.50666667) / 0.05]
+    torch.testing.assert_close(adv, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_truncated_rollout_scores_zero():
+    ex = {"domain": "mcqa", "messages": [{"role": "user", "content": "?"}], "answer": "B"}
+    good = "<think>\nhm\n</think>\n\\boxed{B}"
+    assert tasks.reward(ex, good) == 1.0
+    assert rl.grade([ex, ex, ex], [good, good, "<think>\n</think>\n\\boxed{C}"], [True, False, True]) == [1, 0, 0]
+
+
+def test_loss_by_hand_mixed_lengths():
+    # two rollouts of lengths 3 and 1 (padded to 3), advantages +1.5 and -0.5, batch token count 4
+    lp = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.5, -0.5])
+    loss = rl.grpo_loss(lp, adv, mask, n_tokens=4)
+    expected = -(1.5 * (-1 - 2 - 0.5) + (-0.5) * (-3.0)) / 4
+    assert loss.item() == pytest.approx(expected)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[-1.5, -1.5, -1.5], [0.5, 0, 0]]) / 4)
+    # k3 KL term: exp(ref - lp) - (ref - lp) - 1 per valid token, same normalisation
+    ref = torch.tensor([[-1.5, -2.0, -0.5], [-2.0, 5.0, 5.0]])
+    with_kl = rl.grpo_loss(lp.detach(), adv, mask, 4, ref, kl_coef=0.1)
+    k3 = [math.exp(-0.5) + 0.5 - 1, 0, 0, math.exp(1.0) - 1.0 - 1]
+    assert with_kl.item() == pytest.approx(expected + 0.1 * sum(k3) / 4)
+
+
+# -- the gradient: REINFORCE, whatever the micro-batching; sampler == trainer ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rollouts():
+    """A random small model and 2 prompts x 3 sampled completions of mixed lengths (fp32)."""
+    model = random_model(seed=1, vocab_size=64)
+    prompts = [[1, 3, 30, 31, 32], [1, 3, 40, 41]]
+    outs = sample.generate(model, prompts, 6, n=3, seed=0, stop_token_ids=list(range(5, 20)), raw_logprobs=True)
+    assert len({len(c.tokens) for c in outs}) > 1                   # mixed lengths
+    return model, [p for p in prompts for _ in range(3)], outs
+
+
+def test_sampler_logprobs_equal_trainer_logprobs(rollouts):
+    model, prompts, outs = rollouts
+    _, _, trainer_lp = rl.train_step(model, prompts, outs, [0.0] * len(outs), 4, 0.0, D1)
+    model.zero_grad(set_to_none=True)
+    for c, t in zip(outs, trainer_lp):
+        assert len(t) == len(c.tokens)
+        torch.testing.assert_close(torch.tensor(t), torch.tensor(c.raw_logprobs), atol=2e-5, rtol=0)
+        # temperature 1, no top-p: the sampler's own logprobs are the policy's, so the PPO ratio is 1
+        ratio = torch.exp(torch.tensor(t) - torch.tensor(c.logprobs))
+        torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
+
+
+def test_gradient_is_reinforce_for_any_micro_batching(rollouts):
+    model, prompts, outs = rollouts
+    adv = rl.group_advantages([1, 0, 0, 0, 1, 1], 3, 0.05)
+    n_tokens = sum(len(c.tokens) for c in outs)
+    # REINFORCE written out: one rollout at a time, log pi from full logits, -(1/N) sum_i A_i sum_t grad log pi
+    model.zero_grad(set_to_none=True)
+    for p, c, a in zip(prompts, outs, adv):
+        ids = torch.tensor([p + c.tokens[:-1]])
+        logp = model(ids)[0, len(p) - 1:].log_softmax(-1)
+        (-(a / n_tokens) * logp.gather(-1, torch.tensor(c.tokens)[:, None]).sum()).backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for micro in (1, 4, 6):
+        model.zero_grad(set_to_none=True)
+        rl.train_step(model, prompts, outs, adv, micro, 0.0, D1)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, reference[n], atol=1e-6, rtol=1e-4, msg=f"{n}, micro_batch {micro}")
+    model.zero_grad(set_to_none=True)
+
+
+# -- dynamic filtering --------------------------------------------------------------------------------------------
+
+
+def fake_round(plan, calls):
+    """rollout_round that returns groups with the planned rewards, round by round."""
+    def rollout_round(rnd, count):
+        calls.append((rnd, count))
+        return [dict(id=(rnd, j), rewards=plan[rnd][j]) for j in range(count)]
+    return rollout_round
+
+
+def test_dynamic_filtering_refills_the_batch():
+    plan = {0: [[1, 0], [1, 1], [0, 0], [0, 1]], 1: [[0, 1], [1, 0]]}
+    calls = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # a full batch: no warning
+        kept, sampled, drawn = rl.fill_batch(fake_round(plan, calls), 4, True, 3, D1)
+    assert calls == [(0, 4), (1, 2)]                   # 2 zero-variance groups dropped: 2 more prompts drawn
+    assert [g["id"] for g in kept] == [(0, 0), (0, 3), (1, 0), (1, 1)]
+    assert drawn == 6 and len(sampled) == 6
+
+
+def test_dynamic_filtering_cap_stops_and_warns():
+    plan = {r: [[0, 0]] * 8 for r in range(10)}
+    calls = []
+    with pytest.warns(UserWarning, match="only 0 of 4 groups"):
+        kept, sampled, drawn = rl.fill_batch(fake_round(plan, calls), 4, True, 2, D1)
+    assert kept == [] and len(calls) == 3 and drawn == 12
+    calls.clear()                                        # without filtering: one round, every group kept
+    kept, _, _ = rl.fill_batch(fake_round(plan, calls), 4, False, 2, D1)
+    assert len(kept) == 4 and calls == [(0, 4)]
+
+
+# -- a toy task RL learns -----------------------------------------------------------------------------------------
+
+
+def toy_run(steps, chosen=50, seed=0):
+    """GRPO with rl.py's pieces on a random small model: reward 1 when the 4-token completion contains `chosen`."""
+    model = random_model(seed=2, vocab_size=64)
+    optimizer = common.make_optimizer(model, 2e-2, (0.9, 0.95), 0.0)
+    prompts, rewards_per_step, losses = [[1, 3, 30 + k, 31] for k in range(8)], [], []
+    for step in range(steps):
+        def rollout_round(rnd, count):
+            chosen_prompts = [prompts[(step * 3 + rnd * 5 + j) % len(prompts)] for j in range(count)]
+            outs = sample.generate(model, chosen_prompts, 4, n=8, seed=rl.rollout_seed(seed, 0, step, 0, rnd),
+                                   stop_token_ids=[], raw_logprobs=True)
+            return [dict(prompt=p, completions=outs[j * 8:(j + 1) * 8],
+                         rewards=[float(chosen in c.tokens) for c in outs[j * 8:(j + 1) * 8]])
+                    for j, p in enumerate(chosen_prompts)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kept, sampled, _ = rl.fill_batch(rollout_round, 4, True, 2, D1)
+        rewards_per_step.append(sum(sum(g["rewards"]) for g in sampled) / (8 * len(sampled)))
+        if kept:
+            adv = rl.group_advantages([r for g in kept for r in g["rewards"]], 8, 0.05)
+            loss, _, _ = rl.train_step(model, [g["prompt"] for g in kept for _ in range(8)],
+                                       [c for g in kept for c in g["completions"]], adv, 16, 1.0, D1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss)
+    return rewards_per_step, losses
+
+
+def test_toy_task_reward_rises_deterministically():
+    rewards, losses = toy_run(20)
+    assert rewards[0] < 0.1 and sum(rewards[-5:]) / 5 > 0.7, rewards       # from chance (~6%) to mostly right
+    again, losses_again = toy_run(4)
+    assert again == rewards[:4] and losses_again == losses[:len(losses_again)]
+
+
+# -- the whole stage: cascade.json, skip on rerun, kill/resume, 1 vs 2 processes, named errors --------------------
+
+IF_ROW = {"domain": "if", "messages": [{"role": "user", "content": "Write about cats. Do not use any commas."}],
+          "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+MCQA_ROW = {"domain": "mcqa", "messages": [{"role": "user", "content": "Pick one.\nA. x\nB. y\nAnswer in \\boxed{}."}],
+            "answer": "A", "options": [{"A": "x"}, {"B": "y"}]}
+STAGES = [dict(name="a", domains=["if"], steps=3, prompts_per_step=2, rollouts=4, micro_batch=3, lr=1e-2,
+               max_new_tokens=12, thinking=False),
+          dict(name="b", domains=["if", "mcqa"], weights=[1, 1], steps=2, prompts_per_step=2, rollouts=4, lr=1e-2,
+               max_new_tokens=12, thinking=False, max_fill_rounds=1)]
+
+
+@pytest.fixture(scope="module")
+def toy_run_dir(tmp_path_factory):
+    """A toy export that answers with short strings of ' the' ' cat' ',' and <|im_end|>: the no-comma instruction
+    gives groups with reward variance (MCQA never scores: its groups are all filtered), and a tiny preset."""
+    root = tmp_path_factory.mktemp("rl")
+    toy_export(root / "init", {294: 0.0, 1181: 0.0, 24: 0.0, 4: 0.0})
+    (root / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [IF_ROW] * 4 + [MCQA_ROW] * 2))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [IF_ROW, MCQA_ROW]))
+    (root / "preset.json").write_text(json.dumps(dict(eval_per_domain=1, eval_max_new_tokens=8, save_every=1,
+                                                      stages=STAGES)))
+    return root
+
+
+def rl_args(root, out, **kw):
+    opts = dict(config=root / "preset.json", init=root / "init", out_dir=root / out, train_data=root / "rl.jsonl",
+                eval_data=root / "eval.jsonl", device="cpu")
+    opts.update(kw)
+    return [f"--{k}={v}" for k, v in opts.items()]
+
+
+def run_rl(root, out, **kw):
+    return rl.main(*rl.parse_args(rl_args(root, out, **kw)))
+
+
+def stage_losses(out_dir, stage):
+    return [(r["step"], r["loss"], r["reward"]) for r in common.read_metrics(os.path.join(out_dir, stage, "metrics.jsonl"))
+            if "loss" in r]
+
+
+def test_cascade_json_rows_and_skip_on_rerun(toy_run_dir, capsys):
+    root = toy_run_dir
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cascade = run_rl(root, "full")
+    assert [r["name"] for r in cascade["rows"]] == ["sft", "a", "b"]
+    assert cascade["domains"] == ["if", "mcqa"]
+    assert [r["trained"] for r in cascade["rows"]] == [[], ["if"], ["if", "mcqa"]]
+    for row in cascade["rows"][1:]:
+        assert os.path.isfile(os.path.join(row["checkpoint"], "config.json"))
+        Model.from_pretrained(row["checkpoint"])                      # the export loads
+        assert set(row["scores"]) == {"if", "mcqa"}
+    a = stage_losses(root / "full", "a")
+    assert len(a) == 3 and any(loss != 0 for _, loss, _ in a)          # there was signal, and it trained
+    assert os.path.isfile(root / "full" / "a" / "curves.png")
+    metrics = common.read_metrics(root / "full" / "b" / "metrics.jsonl")[0]
+    assert metrics["reward_mcqa"] == 0 and metrics["resampled_frac"] > 0   # MCQA groups filtered and refilled
+    assert metrics["logprob_diff_max"] < 1e-4                          # sampler == trainer in fp32
+    capsys.readouterr()
+    mtime = os.path.getmtime(root / "full" / "b" / "metrics.jsonl")
+    again = run_rl(root, "full")
+    assert "a]: finished earlier" in capsys.readouterr().out
+    assert again == cascade and os.path.getmtime(root / "full" / "b" / "metrics.jsonl") == mtime
+
+
+def test_killed_run_resumes_with_identical_losses(toy_run_dir):
+    root = toy_run_dir
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, os.path.join(ROOT, "rl.py")]
+    whole = run_killing_group(cmd + rl_args(root, "whole", only="a"), env=env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = run_killing_group(cmd + rl_args(root, "resumed", only="a", inject_kill_at_step=2), env=env)
+    assert killed.returncode == -9
+    assert not os.path.exists(root / "resumed" / "a" / "export")
+    resumed = run_killing_group(cmd + rl_args(root, "resumed", only="a"), env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout
+    assert stage_losses(root / "resumed", "a") == stage_losses(root / "whole", "a")
+    rows = lambda out: json.loads((root / out / "cascade.json").read_text())["rows"]
+    assert [r["name"] for r in rows("resumed")] == ["sft", "a"]
+    assert rows("resumed")[1]["scores"] == rows("whole")[1]["scores"]
+
+
+DIST_WORKER = r"""
+import json, sys, torch
+import common, rl, sample
+from tests.test_rl import random_model
+d = common.init_dist("cpu")
+model = common.shard_model(random_model(seed=3, vocab_size=64), d)
+optimizer = common.make_optimizer(model, 1e-2, (0.9, 0.95), 0.0)
+torch.manual_seed(0)                       # the same rollouts on every process: 5 rows, split 3 + 2 over 2
+prompts = [[1, 3, 30 + i, 31] for i in range(5)]
+completions = [sample.Completion(torch.randint(5, 64, (n,)).tolist(), [], "stop") for n in (4, 1, 6, 3, 2)]
+adv = [1.0, -0.5, 0.25, -1.0, 0.75]
+mine = slice(d.rank, None, d.world_size)
+loss, grad_norm, _ = rl.train_step(model, prompts[mine], completions[mine], adv[mine], 2, 0.0, d)
+optimizer.step()
+state = common.full_state_dict(model, d)
+if d.is_main:
+    json.dump(dict(loss=loss, grad_norm=grad_norm, params={k: v.double().sum().item() for k, v in state.items()}),
+              open(sys.argv[1], "w"))
+common.close_dist()
+"""
+
+
+def test_two_processes_give_the_step_of_one(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(DIST_WORKER)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    one = run_killing_group([sys.executable, str(script), str(tmp_path / "one.json")], env=env, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_killing_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(tmp_path / "two.json")], env=env, cwd=ROOT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    for k in a["params"]:
+        assert a["params"][k] == pytest.approx(b["params"][k], rel=1e-5, abs=1e-6), k
+
+
+def test_named_errors(toy_run_dir, tmp_path):
+    root = toy_run_dir
+    bad = lambda **stage: (tmp_path / "p.json").write_text(json.dumps(dict(stages=[dict(STAGES[0], **stage)])))
+    bad(domains=["if", "poetry"])
+    with pytest.raises(ValueError, match=r"stage 0 \('a'\): unknown domain\(s\) \['poetry'\]"):
+        run_rl(root, "err", config=tmp_path / "p.json")
+    bad(domains=["code"])
+    with pytest.raises(ValueError, match="has no prompts of domain 'code'"):
+        run_rl(root, "err", config=tmp_path / "p.json")
+    bad(max_new_tokens=300)                              # the toy model's context is 262144; make a small one
+    small = toy_export(tmp_path / "short", {4: 0.0}, max_position_embeddings=64)
+    with pytest.raises(ValueError, match="prompt 0 of domain 'if' .* exceeds the model's context of 64"):
+        run_rl(root, "err", config=tmp_path / "p.json", init=small)
+    big = toy_export(tmp_path / "big", {4: 0.0}, vocab_size=1024)       # the shipped tokenizer has 2048 ids
+    with pytest.raises(ValueError, match="tokenizer has 2048 tokens but the model's vocab_size is 1024"):
+        run_rl(root, "err", init=big)
+    (tmp_path / "p.json").write_text(json.dumps(dict(stages=[dict(STAGES[0], rollouts="many")])))
+    with pytest.raises(SystemExit, match=r"p.json: stages\[0\]"):
+        rl.parse_args(rl_args(root, "err", config=tmp_path / "p.json"))
