@@ -443,8 +443,9 @@ class Mamba2Mixer(nn.Module):
             y, ssm_state = ssd_scan(x, dt, A, B, C, self.cfg.chunk_size,
                                     initial_state=cache["ssm"] if cache else None,
                                     reset=doc["reset"] if doc else None)
-        if cache is not None:
-            cache["conv"], cache["ssm"] = conv_past.detach(), ssm_state.detach()
+        if cache is not None:       # in place: the cache's tensors are fixed buffers (a CUDA graph replays them)
+            cache["conv"].copy_(conv_past)
+            cache["ssm"].copy_(ssm_state)                             # (a no-op after ssm_step: the same tensor)
         y = y + x * self.D.float()[:, None]
         y = self.norm(y.flatten(-2), z)                               # gate before the norm
         return self.out_proj(y.to(u.dtype))
@@ -465,20 +466,78 @@ class Attention(nn.Module):
 
     def forward(self, x, attn_mask=None, cache=None, pos=0):
         """attn_mask [B, 1, T, S] bool (True = may attend) or None for plain causal; cache: dict of k, v buffers
-        [B, n_kv, max_len, head_dim] written at positions [pos, pos + T)."""
+        [B, n_kv, max_len, head_dim] written at positions [pos, pos + T). A decode step (see
+        Model.hidden_states) passes pos as a device tensor [1] and goes to decode_attention."""
         bsz, T, _ = x.shape
         q = self.q_proj(x).view(bsz, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if isinstance(pos, torch.Tensor):
+            return self.o_proj(decode_attention(q, k, v, cache, pos, attn_mask).reshape(bsz, 1, -1))
         if cache is not None:
             cache["k"][:, :, pos:pos + T] = k
             cache["v"][:, :, pos:pos + T] = v
             k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
+        if isinstance(attn_mask, Segments):
+            return self.o_proj(segment_attention(q, k, v, attn_mask).transpose(1, 2).reshape(bsz, T, -1))
         # kv head j serves q heads [j*g, (j+1)*g): enable_gqa repeats them inside SDPA
         # attn_mask None means plain causal for a fresh sequence, or no mask at all for one decoded token
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(bsz, T, -1))
+
+
+class Segments:
+    """
+    Each row cut into runs of consecutive positions that attend causally among themselves only: packed
+    documents, and the padding before (left-padded prompts) or after (packed rows) the real tokens. Built once
+    per forward from doc_ids and the attention mask (one host sync), and used by every attention layer instead
+    of a dense [B, 1, T, S] mask. spans[b] = [(start, end), ...] covering row b.
+    """
+
+    def __init__(self, ids):
+        """ids [B, T]: equal adjacent values = same run (a document id, or -1 / -2 for padding)."""
+        starts = F.pad(ids[:, 1:] != ids[:, :-1], (1, 0), value=True)
+        b, t = starts.nonzero(as_tuple=True)
+        self.spans = [[] for _ in range(ids.shape[0])]
+        for row, start in zip(b.tolist(), t.tolist()):
+            if self.spans[row]:
+                self.spans[row][-1] = (self.spans[row][-1][0], start)
+            self.spans[row].append((start, ids.shape[1]))
+
+
+def segment_attention(q, k, v, segments):
+    """
+    Causal attention within each run of Segments: per run one fused SDPA call (flash kernels on CUDA and CPU),
+    so the extra memory is O(T) however long the row, and the g = n_heads / n_kv query heads sharing a kv head
+    use it in place (enable_gqa, no repeated K/V). q [B, n_heads, T, d]; k, v [B, n_kv, T, d].
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if all(len(spans) == 1 for spans in segments.spans):          # one run per row: the batch in one call
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    rows = []
+    for b, spans in enumerate(segments.spans):
+        rows.append(torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
+                                                              v[b:b + 1, :, s:e], is_causal=True, enable_gqa=gqa)
+                               for s, e in spans], dim=2))
+    return torch.cat(rows)
+
+
+def decode_attention(q, k, v, cache, pos, valid):
+    """
+    One new token per row against the KV cache. q [B, n_heads, 1, d]; k, v [B, n_kv, 1, d] are written at
+    position pos (a device tensor [1]: no host sync, and the same kernels every step, as a CUDA graph needs);
+    valid [B, 1, 1, S] bool: which of the first S cached positions hold real tokens (S = pos + 1, or the whole
+    cache for fixed shapes). GQA without repeating K/V: the g = n_heads / n_kv query heads that share a kv head
+    are one [g, d] x [d, S] matmul against it. Softmax in fp32. Returns [B, n_heads, d].
+    """
+    B, n_kv, S, d = q.shape[0], k.shape[1], valid.shape[-1], q.shape[-1]
+    cache["k"].index_copy_(2, pos, k)
+    cache["v"].index_copy_(2, pos, v)
+    q = q.reshape(B, n_kv, -1, d)                                   # heads [j*g, (j+1)*g) share kv head j
+    scores = torch.matmul(q, cache["k"][:, :, :S].transpose(-1, -2)).float() * d ** -0.5   # [B, n_kv, g, S]
+    probs = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, cache["v"][:, :, :S]).reshape(B, -1, d)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -611,11 +670,16 @@ class InferenceCache:
       attention: k, v [B, n_kv, max_len, head_dim] (model dtype)
       Mamba:     conv [B, K-1, conv_dim] (the last K-1 conv inputs), ssm [B, n_heads, head_dim, state] (fp32)
     `valid` [B, max_len] marks cached positions that hold real tokens; `pos` counts positions written so far
-    (the same for every row, since rows are left-padded).
+    (the same for every row, since rows are left-padded), and `pos_t` holds the same count on the device for
+    decode steps. Every tensor is updated in place, so a captured CUDA graph can replay a decode step.
+    static_shapes: decode steps attend over all max_len positions (masked) instead of the first pos + 1, so
+    every step runs the same kernels on the same shapes (what CUDA-graph capture needs).
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size, max_len, device=None, dtype=torch.float32):
-        self.max_len, self.pos = max_len, 0
+    def __init__(self, cfg: ModelConfig, batch_size, max_len, device=None, dtype=torch.float32,
+                 static_shapes=False):
+        self.max_len, self.pos, self.static_shapes = max_len, 0, static_shapes
+        self.pos_t = torch.zeros(1, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.layers = []
         for c in cfg.hybrid_override_pattern:
@@ -635,6 +699,19 @@ class InferenceCache:
     @property
     def batch_size(self):
         return self.valid.shape[0]
+
+    def decode_step(self):
+        """Positions for one decoded token per row: marks position pos valid, on the device (no host sync).
+        Returns (pos_t, the attention mask [B, 1, 1, S] over the first S cached positions)."""
+        if self.pos + 1 > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} positions, all used")
+        self.valid.index_fill_(1, self.pos_t, True)
+        S = self.max_len if self.static_shapes else self.pos + 1
+        return self.pos_t, self.valid[:, None, None, :S]
+
+    def advance(self, T):
+        self.pos += T
+        self.pos_t += T
 
     def select(self, rows: torch.Tensor):
         """Keep, reorder or repeat rows (e.g. drop finished rows, or copy a prompt's prefill n times)."""
@@ -688,11 +765,14 @@ class Model(nn.Module):
         bsz, T = input_ids.shape
         valid = attention_mask.bool() if attention_mask is not None else None
         pos = cache.pos if cache is not None else 0
-        if cache is not None:
+        doc, attn_mask = None, None
+        step = cache is not None and T == 1 and valid is None and doc_ids is None      # one decoded token per row
+        if step:
+            pos, attn_mask = cache.decode_step()        # position and mask on the device: no host sync
+        elif cache is not None:
             if pos + T > cache.max_len:
                 raise ValueError(f"cache holds {cache.max_len} positions, {pos} used, {T} more asked")
             cache.valid[:, pos:pos + T] = True if valid is None else valid
-        doc, attn_mask = None, None
         if doc_ids is not None:
             if cache is not None:
                 raise ValueError("doc_ids (packed documents) are for training; they cannot be used with a cache")
@@ -700,14 +780,17 @@ class Model(nn.Module):
             prev = F.pad(doc_ids, (K - 1, 0), value=-1).unfold(1, K, 1)      # [B, T, K]: the conv taps' docs
             doc = dict(reset=F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0), value=True),
                        same_doc=prev == doc_ids.unsqueeze(-1))
-            real = valid if valid is not None else torch.ones_like(doc_ids, dtype=torch.bool)
-            attn_mask = build_attn_mask(T, real, 0, doc_ids, doc_ids)
-        elif cache is not None:
-            # without padding, a prefill from position 0 is plain causal and one decoded token sees everything
-            if not ((pos == 0 or T == 1) and bool(cache.valid[:, :pos + T].all())):
+            # padding (attention_mask 0) is a run of its own; doc_ids must not use -2
+            attn_mask = Segments(doc_ids if valid is None else doc_ids.masked_fill(~valid, -2))
+        elif cache is not None and not step:
+            # a prefill from position 0: causal within the left padding and within the prompt (Segments); one
+            # decoded token without padding sees everything; a later multi-token step takes the dense mask
+            if pos == 0:
+                attn_mask = Segments(cache.valid[:, :T].long())
+            elif not (T == 1 and bool(cache.valid[:, :pos + T].all())):
                 attn_mask = build_attn_mask(T, cache.valid[:, :pos + T], pos)
-        elif valid is not None:
-            attn_mask = build_attn_mask(T, valid, 0)
+        elif valid is not None:                         # left padding: two runs per row, no dense mask
+            attn_mask = Segments(valid.long())
 
         h = self.backbone.embeddings(input_ids)
         for i, block in enumerate(self.backbone.layers):
@@ -717,7 +800,7 @@ class Model(nn.Module):
             else:
                 h = block(h, valid=valid, doc=doc, attn_mask=attn_mask, cache=layer_cache, pos=pos)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         return self.backbone.norm_f(h)
 
     def forward(self, input_ids, attention_mask=None, doc_ids=None, cache=None, targets=None, temperature=1.0,
@@ -806,9 +889,11 @@ class Model(nn.Module):
             t.data = t.data.to(torch.float32 if name.endswith(FP32_TENSORS) else dtype)
         return self
 
-    def new_cache(self, batch_size, max_len):
+    def new_cache(self, batch_size, max_len, static_shapes=False):
+        """KV and conv caches in the dtype of the layers that fill them (the Mamba state is always fp32)."""
         p = self.lm_head.weight
-        return InferenceCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+        return InferenceCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype,
+                              static_shapes=static_shapes)
 
     # -- HF checkpoints --------------------------------------------------------------------------------------
 

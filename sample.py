@@ -83,22 +83,29 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_p: flo
     return logits.log_softmax(dim=-1)
 
 
-def sample_tokens(logits: torch.Tensor, temperature=1.0, top_p=1.0, top_k=0, generator=None, raw=False):
+def is_greedy(temperature, top_k):
+    return temperature == 0 or top_k == 1
+
+
+def sample_tokens(logits: torch.Tensor, temperature=1.0, top_p=1.0, top_k=0, generator=None, raw=False,
+                  noise=None):
     """
     One token per row from logits [B, V]. Returns (tokens [B] int64, logprobs [B] fp32 under the sampling
-    distribution, raw logprobs [B] fp32 under the plain model distribution or None).
+    distribution, raw logprobs [B] fp32 under the plain model distribution or None). noise: the Exp(1) draws
+    [B, V] to use (generate draws them per completion); None draws them here from `generator`.
     """
     raw_lp = None
     if raw:
         raw_all = logits.float().log_softmax(dim=-1)
-    if temperature == 0 or top_k == 1:                       # greedy: a point mass, log-prob 0
+    if is_greedy(temperature, top_k):                        # greedy: a point mass, log-prob 0
         tokens = logits.argmax(dim=-1)
         logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
     else:
         logp = sampling_logprobs(logits, temperature, top_p, top_k)
         # Exponential-race sampling: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i (the Gumbel-max
         # trick in another guise). Unlike torch.multinomial it can never return a zero-probability token.
-        noise = torch.empty_like(logp).exponential_(generator=generator)
+        if noise is None:
+            noise = torch.empty_like(logp).exponential_(generator=generator)
         tokens = (logp.exp() / noise).argmax(dim=-1)
         logprobs = logp.gather(-1, tokens[:, None]).squeeze(-1)
     if raw:
@@ -176,7 +183,8 @@ def _last_logits(model: Model, input_ids, attention_mask=None, cache=None):
 def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, n: int = 1, stop_token_ids=None, seed: Optional[int] = None, *,
              raw_logprobs: bool = False, prefill_chunk: int = 4096,
-             on_step: Optional[Callable[[list[int], list[int]], None]] = None) -> list[Completion]:
+             on_step: Optional[Callable[[list[int], list[int]], None]] = None, reference: bool = False,
+             static_shapes: bool = False, cuda_graph: bool = False, check_every: int = 8) -> list[Completion]:
     """
     Sample n completions for each prompt (a list of token-id lists of any lengths, each non-empty).
 
@@ -185,12 +193,19 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     eos; an empty collection = no stop token (every row runs max_new_tokens). A row ends at its first stop token,
     which is kept as its last token (finish_reason "stop"); otherwise it ends after max_new_tokens ("length").
     seed: a torch.Generator seeded with it drives all draws, so the same call with the same seed gives the same
-    completions (on the same device and batch); None uses torch's global RNG.
+    completions (on the same device); None uses torch's global RNG. Each step draws the noise of all
+    len(prompts) * n completions at once, so a completion's draws do not depend on which rows share its batch.
     raw_logprobs: also fill Completion.raw_logprobs (see the module docstring for logprobs vs raw_logprobs).
     prefill_chunk: prompts longer than this are prefilled in pieces of this many tokens (0 = in one go), which
     bounds the attention mask and scan temporaries of long prompts; the result is the same up to rounding.
     on_step(indices, tokens): called after every decoding step with the completion indices still running and
-    the token each just sampled (the CLI streams with it); finished completions no longer appear.
+    the token each just sampled (the CLI streams with it); finished completions no longer appear. It reads
+    the tokens on the host every step, so the decode loop then syncs every step.
+    reference: run the plain decode loop (a compacting batch, a host sync per step) instead of the fixed-slot
+    one (see _decode_slots); both give the same completions, and the tests hold the fast one to the plain one.
+    static_shapes: decode steps attend over the whole cache (masked), so every step has the same shapes;
+    cuda_graph: replay each decode step from a CUDA graph captured per batch-size bucket (CUDA only; implies
+    static_shapes). check_every: the fixed-slot loop reads the finished mask on the host every this many steps.
 
     Runs under torch.inference_mode and leaves the model's train/eval mode alone (the model has no dropout).
     On an FSDP2-sharded model, call it inside `with sampling_weights(model):` (every process, same calls), which
@@ -199,7 +214,9 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     if _is_sharded(model) and id(model) not in _GATHERED:
         with sampling_weights(model):
             return generate(model, prompts, max_new_tokens, temperature, top_p, top_k, n, stop_token_ids, seed,
-                            raw_logprobs=raw_logprobs, prefill_chunk=prefill_chunk, on_step=on_step)
+                            raw_logprobs=raw_logprobs, prefill_chunk=prefill_chunk, on_step=on_step,
+                            reference=reference, static_shapes=static_shapes, cuda_graph=cuda_graph,
+                            check_every=check_every)
     model = _GATHERED.get(id(model), model)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -209,6 +226,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
     for i, p in enumerate(prompts):
         if not p:
@@ -222,6 +241,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         return [Completion([], [], "length", [] if raw_logprobs else None) for _ in range(N)]
 
     device = model.lm_head.weight.device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA model, this one is on {device}")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     # 1. prefill, left-padded; the pad id is irrelevant (padding never reaches a row's state)
@@ -232,7 +253,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, L - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    cache = model.new_cache(len(prompts), L + max_new_tokens - 1)   # the last sampled token is never fed back
+    cache = model.new_cache(len(prompts), L + max_new_tokens - 1,    # the last sampled token is never fed back
+                            static_shapes=static_shapes or cuda_graph)
     chunk = prefill_chunk if prefill_chunk > 0 else L
     for start in range(0, L, chunk):
         piece = mask[:, start:start + chunk]
@@ -245,23 +267,43 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         cache.select(rows)
         logits = logits[rows]
 
-    # 3. decode. `live` holds the completion index of each row of the (compacting) batch. Each step's (index,
-    # token, logprob) records are kept, moved to the host every 64 steps: memory grows with the tokens actually
-    # generated, not with rows x max_new_tokens.
+    # 3. decode. sample(logits, rows) draws one token for each row, row i being completion rows[i]
+    def sample(logits, rows):
+        noise = None
+        if not is_greedy(temperature, top_k):             # the draws of all N completions, then this batch's rows
+            noise = torch.empty(N, logits.shape[-1], device=device).exponential_(generator=generator)[rows]
+        return sample_tokens(logits, temperature, top_p, top_k, raw=raw_logprobs, noise=noise)
+
     stop_t = torch.tensor(stop_token_ids, dtype=torch.long, device=device)
-    live = torch.arange(N, device=device)
+    decode = _decode_reference if reference else _decode_slots
+    per_completion = decode(model, cache, logits, sample, N, max_new_tokens, stop_t, on_step,
+                            cuda_graph=cuda_graph, check_every=check_every)
+
+    stop_set = set(stop_token_ids)
+    return [Completion(tokens=toks, logprobs=lps, finish_reason="stop" if toks and toks[-1] in stop_set else "length",
+                       raw_logprobs=raws) for toks, lps, raws in per_completion]
+
+
+def _decode_reference(model, cache, logits, sample, N, steps, stop_t, on_step, **_):
+    """
+    The plain decode loop: `live` holds the completion index of each row of the batch; a row that samples a
+    stop token leaves the batch at once (cache.select copies the others' caches), so the batch shrinks; one
+    host sync per step. Each step's (index, token, logprob, raw) records go to the host every 64 steps.
+    Returns [(tokens, logprobs, raw logprobs or None)] per completion.
+    """
+    live = torch.arange(N, device=logits.device)
     records, pending = [], []
-    for step in range(max_new_tokens):
-        tokens, logprobs, raw = sample_tokens(logits, temperature, top_p, top_k, generator, raw=raw_logprobs)
+    for step in range(steps):
+        tokens, logprobs, raw = sample(logits, live)
         pending.append((live, tokens, logprobs, raw))
         if len(pending) == 64:
             records.append(_to_host(pending))
             pending = []
         if on_step is not None:
             on_step(live.tolist(), tokens.tolist())
-        if step == max_new_tokens - 1:
+        if step == steps - 1:
             break
-        if stop_token_ids:
+        if stop_t.numel():
             stopped = torch.isin(tokens, stop_t)
             if bool(stopped.any()):                        # compact: finished rows leave the batch
                 keep = (~stopped).nonzero().squeeze(1)
@@ -272,27 +314,118 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         logits = _last_logits(model, tokens[:, None], cache=cache)
     if pending:
         records.append(_to_host(pending))
-
-    # 4. unpack: a stable sort by completion index keeps each completion's tokens in step order
+    # a stable sort by completion index keeps each completion's tokens in step order
     index, tokens, logprobs, raw = (torch.cat(parts) if parts[0] is not None else None for parts in zip(*records))
     order = index.argsort(stable=True)
     counts = torch.bincount(index, minlength=N).tolist()
     tokens, logprobs = tokens[order].split(counts), logprobs[order].split(counts)
-    raw = raw[order].split(counts) if raw_logprobs else [None] * N
-    stop_set = set(stop_token_ids)
-    completions = []
-    for toks, lps, raws in zip(tokens, logprobs, raw):
-        toks = toks.tolist()
-        completions.append(Completion(
-            tokens=toks, logprobs=lps.tolist(),
-            finish_reason="stop" if toks and toks[-1] in stop_set else "length",
-            raw_logprobs=raws.tolist() if raws is not None else None))
-    return completions
+    raw = raw[order].split(counts) if raw is not None else [None] * N
+    return [(t.tolist(), lp.tolist(), r.tolist() if r is not None else None)
+            for t, lp, r in zip(tokens, logprobs, raw)]
 
 
 def _to_host(steps):
     """[(index, token, logprob, raw or None) per step] -> the same four, concatenated over steps, on the CPU."""
     return tuple(torch.cat(parts).cpu() if parts[0] is not None else None for parts in zip(*steps))
+
+
+def _decode_slots(model, cache, logits, sample, N, steps, stop_t, on_step, cuda_graph=False, check_every=8):
+    """
+    The decode loop built for throughput. Every completion has a fixed batch slot; tokens and log-probs go
+    into preallocated [N, steps] tensors on the device, and a finished-mask marks the slots whose completion
+    sampled a stop token. Nothing in a step reads the device from the host: the mask is read once every
+    `check_every` steps, to end early when every slot is finished and to compact when at most half the slots
+    are live (cache.select: at most log2(N) times, so its copies cost less than one copy of the whole cache
+    in all). A finished slot left in the batch keeps decoding tokens no one reads (at most check_every steps,
+    and at most as many slots as live ones). With a static-shape cache, every step runs the same kernels on
+    the same shapes, and slots are compacted to power-of-two buckets, each of which gets its own CUDA graph
+    (cuda_graph=True). Returns [(tokens, logprobs, raw logprobs or None)] per completion.
+    """
+    device = logits.device
+    out_tokens = torch.zeros(N, steps, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros(N, steps, device=device)
+    out_raw = None
+    rows = torch.arange(N, device=device)                 # the completion in each slot
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    step_fn = _CudaGraphStep(model, cache) if cuda_graph else _EagerStep(model, cache)
+    ran = 0
+    for step in range(steps):
+        tokens, logprobs, raw = sample(logits, rows)
+        out_tokens[rows, step], out_logprobs[rows, step] = tokens, logprobs
+        if raw is not None:
+            if out_raw is None:
+                out_raw = torch.zeros(N, steps, device=device)
+            out_raw[rows, step] = raw
+        if on_step is not None:                                 # the CLI's streaming: a host sync per step
+            running = (~finished).nonzero().squeeze(1)
+            on_step(rows[running].tolist(), tokens[running].tolist())
+        if stop_t.numel():
+            finished = finished | torch.isin(tokens, stop_t)
+        ran = step + 1
+        if step == steps - 1:
+            break
+        if stop_t.numel() and ran % check_every == 0:
+            live = (~finished).nonzero().squeeze(1)             # the loop's one host sync
+            if live.numel() == 0:
+                break
+            if live.numel() <= finished.numel() // 2:
+                if cache.static_shapes:                         # pad to a power-of-two bucket with finished slots
+                    bucket = 1 << (live.numel() - 1).bit_length()
+                    live = torch.cat([live, finished.nonzero().squeeze(1)[:bucket - live.numel()]])
+                cache.select(live)
+                rows, tokens, finished = rows[live], tokens[live], finished[live]
+                step_fn = _CudaGraphStep(model, cache) if cuda_graph else step_fn
+        logits = step_fn(tokens)
+
+    # each completion ends at its first stop token (tokens after it, from a finished slot, are dropped)
+    out_tokens, out_logprobs = out_tokens[:, :ran].cpu(), out_logprobs[:, :ran].cpu()
+    out_raw = out_raw[:, :ran].cpu() if out_raw is not None else None
+    lengths = [ran] * N
+    if stop_t.numel():
+        is_stop = torch.isin(out_tokens, stop_t.cpu())
+        first = is_stop.int().argmax(dim=1)
+        lengths = torch.where(is_stop.any(dim=1), first + 1, ran).tolist()
+    return [(out_tokens[i, :k].tolist(), out_logprobs[i, :k].tolist(),
+             out_raw[i, :k].tolist() if out_raw is not None else None) for i, k in enumerate(lengths)]
+
+
+class _EagerStep:
+    """One decode step, run as plain PyTorch: tokens [B] -> next-token logits [B, V]."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+
+    def __call__(self, tokens):
+        return _last_logits(self.model, tokens[:, None], cache=self.cache)
+
+
+class _CudaGraphStep(_EagerStep):
+    """
+    The same decode step, replayed from a CUDA graph captured for this cache (one batch size, static shapes).
+    The first call runs eagerly (it warms up the kernels: cuBLAS handles, Triton autotuning), the second
+    captures the step and replays it, later calls only replay. The captured step reads its tokens from a fixed
+    input buffer and moves the cache's device position (pos_t) itself; the host's pos is kept in step here.
+    """
+
+    def __init__(self, model, cache):
+        super().__init__(model, cache)
+        self.graph, self.warm, self.tokens, self.logits = None, False, None, None
+
+    def __call__(self, tokens):
+        if not self.warm:
+            self.warm = True
+            return super().__call__(tokens)
+        if self.cache.pos + 1 > self.cache.max_len:
+            raise ValueError(f"cache holds {self.cache.max_len} positions, all used")
+        if self.graph is None:
+            self.tokens, self.graph = tokens.clone(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):                   # records kernels; runs none of them
+                self.logits = super().__call__(self.tokens)
+            self.cache.pos -= 1                                  # capture ran the host side of a step: undo it
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        self.cache.pos += 1
+        return self.logits.clone()                               # the buffer is overwritten by the next replay
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -284,6 +284,79 @@ def test_chunked_prefill_matches_one_prefill(model):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The fixed-slot decode loop against the plain (reference) one
+
+
+def assert_same_completions(fast, ref):
+    assert [c.tokens for c in fast] == [c.tokens for c in ref]
+    assert [c.finish_reason for c in fast] == [c.finish_reason for c in ref]
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(a.raw_logprobs), torch.tensor(b.raw_logprobs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_fast_decode_equals_reference_loop(model, static_shapes, monkeypatch):
+    """Ragged prompts, n > 1, rows that finish at different steps (one with its first token), compaction (and,
+    with static shapes, compaction to power-of-two buckets), greedy and seeded sampling."""
+    from model import InferenceCache
+    batch_sizes = []                                      # the batch after each cache.select in the fast loop
+    select = InferenceCache.select
+    monkeypatch.setattr(InferenceCache, "select", lambda self, rows: (batch_sizes.append(len(rows)),
+                                                                      select(self, rows))[1])
+    refs = [greedy_reference(model, p, 10) for p in PROMPTS]
+    stops = [refs[1][0], refs[0][4], refs[3][7]]             # row 1 stops at once, rows 0 and 3 later
+    kw = dict(stop_token_ids=stops, raw_logprobs=True)
+    ref = generate(model, PROMPTS, 10, temperature=0, reference=True, **kw)
+    assert ref[1].tokens == [stops[0]] and len({len(c.tokens) for c in ref}) >= 3, [c.tokens for c in ref]
+    for check_every in (1, 3, 8):
+        batch_sizes.clear()
+        fast = generate(model, PROMPTS, 10, temperature=0, static_shapes=static_shapes, check_every=check_every,
+                        **kw)
+        assert_same_completions(fast, ref)
+        if check_every == 1:
+            assert batch_sizes and batch_sizes[0] <= 2, batch_sizes         # compacted once half had finished
+            assert not static_shapes or all(b & (b - 1) == 0 for b in batch_sizes), batch_sizes   # buckets
+    for sampling in (dict(temperature=1.0), dict(temperature=0.8, top_p=0.9, top_k=30)):
+        ref = generate(model, PROMPTS, 12, n=3, seed=4, reference=True, **sampling, **kw)
+        assert sum(c.finish_reason == "stop" for c in ref) >= 2, "pick stops that some samples do sample"
+        for check_every in (1, 4):
+            fast = generate(model, PROMPTS, 12, n=3, seed=4, static_shapes=static_shapes, check_every=check_every,
+                            **sampling, **kw)
+            assert_same_completions(fast, ref)
+
+
+def test_decode_step_keeps_the_mamba_state_fp32_and_advances_the_cache_in_place():
+    m = randomize(Model(small_config())).set_dtype(torch.bfloat16).eval()
+    cache = m.new_cache(2, 8)
+    with torch.inference_mode():
+        m.hidden_states(torch.tensor([[5, 6, 7], [8, 9, 10]]), cache=cache)
+        before = {(i, k): t for i, layer in enumerate(cache.layers) if layer for k, t in layer.items()}
+        snapshot = {key: t.clone() for key, t in before.items()}
+        m.hidden_states(torch.tensor([[11], [12]]), cache=cache)
+    assert cache.pos == 4 and cache.pos_t.item() == 4 and cache.valid[:, :4].all() and not cache.valid[:, 4:].any()
+    for (i, k), t in before.items():
+        assert cache.layers[i][k] is t, f"layer {i} {k}: replaced, not updated in place"
+        assert not torch.equal(t, snapshot[(i, k)]), f"layer {i} {k}: did not advance"
+        assert t.dtype == (torch.float32 if k == "ssm" else torch.bfloat16), (i, k, t.dtype)
+
+
+def test_fast_decode_reads_the_device_once_every_check_every_steps():
+    """Host syncs (item / bool / nonzero) of a whole generate call: one per check_every steps in the fixed-slot
+    loop, one per step in the reference loop. No MoE layer: the CPU grouped matmul syncs inside itself."""
+    from torch.profiler import ProfilerActivity, profile
+    m = randomize(Model(small_config(hybrid_override_pattern="M*M-"))).eval()
+
+    def syncs(steps, **kw):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate(m, PROMPTS, steps, temperature=0, stop_token_ids=[m.config.vocab_size - 1], **kw)
+        return sum(e.name in ("aten::_local_scalar_dense", "aten::nonzero") for e in prof.events())
+
+    assert syncs(25, check_every=8) - syncs(9, check_every=8) == 2          # checks at steps 16 and 24
+    assert syncs(25, reference=True) - syncs(9, reference=True) >= 16
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Sampling from the model that trains: FSDP2 (gloo, 1 and 2 processes, fp32 and bf16 mixed precision)
 
 
