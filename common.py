@@ -823,6 +823,52 @@ def rollout_batch(prompts, completions, pad_id=0):
     return ids, targets
 
 
+def prompt_pools(examples, domains, tokenizer, thinking, max_new_tokens, context, source):
+    """
+    Per domain, its examples and their chat-template prompt ids (generation prompt, thinking or not). Named errors
+    for a domain with no prompts in `source` and for a prompt that does not fit the model's context with the
+    generation budget.
+    """
+    import tasks
+    from tokenizer import encode_prompt
+    pools, prompt_ids = [], []
+    for dom in domains:
+        pool = [ex for ex in examples if ex["domain"] == dom]
+        if not pool:
+            raise ValueError(f"{source} has no prompts of domain {dom!r}")
+        ids = [encode_prompt(tokenizer, tasks.prompt_messages(ex), tools=ex.get("tools"), thinking=thinking)
+               for ex in pool]
+        for i, p in enumerate(ids):
+            if len(p) + max_new_tokens > context:
+                raise ValueError(f"{source}: prompt {i} of domain {dom!r} has {len(p)} tokens; with max_new_tokens "
+                                 f"{max_new_tokens} it exceeds the model's context of {context}")
+        pools.append(pool)
+        prompt_ids.append(ids)
+    return pools, prompt_ids
+
+
+def draw_prompts(pools, weights, count, *keys):
+    """`count` (domain index, example index) draws: a domain by weight, then one of its prompts uniformly. Seeded
+    by keys (seed, stage, step, round), so every process draws the same list and a resumed run redraws it."""
+    rng = np.random.default_rng([int(k) for k in keys])
+    doms = rng.choice(len(pools), size=count, p=np.asarray(weights, dtype=float) / sum(weights))
+    return [(int(k), int(rng.integers(len(pools[k])))) for k in doms]
+
+
+def rollout_seed(*keys):
+    """A sampler seed from (seed, stage, step, rank, round): a resumed run samples exactly what it would have."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def num_micro_batches(n_rows, micro_batch, d: Dist):
+    """Forward/backward passes for n_rows on this process, the same on every process (FSDP's collectives must
+    pair up; a process with fewer rows runs empty passes)."""
+    n = torch.tensor(float(math.ceil(n_rows / micro_batch)), device=d.device)
+    if d.world_size > 1:
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return int(n.item())
+
+
 def completion_logprobs(model, ids, targets, device):
     """log pi(target) [B, T] (0 where target < 0), through model(..., targets=...) so FSDP's hooks fire, in
     vocab-sized chunks (never [B*T, V] fp32 logits). Differentiable unless called under no_grad."""

@@ -43,7 +43,7 @@ import common
 import sample
 import tasks
 from model import Model
-from tokenizer import encode_prompt, load_tokenizer
+from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -216,12 +216,10 @@ def train_step(model, prompts, completions, advantages, micro_batch, grad_clip, 
     """
     n_local = sum(len(c.tokens) for c in completions)
     n_tokens = common.all_reduce_sum(torch.tensor(float(n_local), device=d.device), d).clamp(min=1)
-    n_micro = torch.tensor(float(math.ceil(len(completions) / micro_batch)), device=d.device)
-    if d.world_size > 1:
-        dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+    n_micro = common.num_micro_batches(len(completions), micro_batch, d)
     adv = torch.as_tensor(advantages, dtype=torch.float32, device=d.device)
     loss_sum, trainer_lp = torch.zeros((), device=d.device), []
-    for m in range(int(n_micro.item())):
+    for m in range(n_micro):
         rows = slice(m * micro_batch, (m + 1) * micro_batch)
         c_rows = completions[rows] or [sample.Completion([], [], "length")]           # an empty pass
         p_rows = prompts[rows] or [[pad_id, pad_id]]
@@ -245,18 +243,6 @@ def train_step(model, prompts, completions, advantages, micro_batch, grad_clip, 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Rollouts: draw prompts, sample groups, grade, and (dynamic filtering) refill the batch
-
-
-def rollout_seed(*keys):
-    """A generator seed from (seed, stage, step, rank, round): a resumed run samples exactly what it would have."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
-def draw_prompts(pools, weights, count, *keys):
-    """`count` (domain, index) draws, the domain by weight, then a prompt of it uniformly; seeded by keys."""
-    rng = np.random.default_rng([int(k) for k in keys])
-    doms = rng.choice(len(pools), size=count, p=np.asarray(weights) / sum(weights))
-    return [(int(k), int(rng.integers(len(pools[k])))) for k in doms]
 
 
 def grade(examples, texts, finished, workers=None):
@@ -323,22 +309,9 @@ def run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_
     steps = min(stage.steps, cfg.max_steps) if cfg.max_steps else stage.steps
 
     # the stage's prompts, encoded once, with the named checks
-    pools, prompt_ids = [], []
-    for dom in stage.domains:
-        pool = [ex for ex in train_examples if ex["domain"] == dom]
-        if not pool:
-            raise ValueError(f"stage {stage.name!r}: --train_data {cfg.train_data} has no prompts of domain "
-                             f"{dom!r}")
-        ids = [encode_prompt(tokenizer, tasks.prompt_messages(ex), tools=ex.get("tools"), thinking=stage.thinking)
-               for ex in pool]
-        context = model.config.max_position_embeddings
-        for i, p in enumerate(ids):
-            if len(p) + stage.max_new_tokens > context:
-                raise ValueError(f"stage {stage.name!r}: prompt {i} of domain {dom!r} in {cfg.train_data} has "
-                                 f"{len(p)} tokens; with max_new_tokens {stage.max_new_tokens} it exceeds the "
-                                 f"model's context of {context}")
-        pools.append(pool)
-        prompt_ids.append(ids)
+    pools, prompt_ids = common.prompt_pools(train_examples, stage.domains, tokenizer, stage.thinking,
+                                            stage.max_new_tokens, model.config.max_position_embeddings,
+                                            f"stage {stage.name!r}: --train_data {cfg.train_data}")
     weights = stage.weights or [1.0] * len(stage.domains)
     if d.is_main:
         print(f"rl[{stage.name}]: {steps} steps of {stage.prompts_per_step} prompts x {stage.rollouts} rollouts on "
@@ -346,13 +319,13 @@ def run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_
               f"prompts), from {start_from}")
 
     def rollout_round(step, rnd, count):
-        draws = draw_prompts(pools, weights, count, cfg.seed, index, step, rnd)[d.rank::d.world_size]
+        draws = common.draw_prompts(pools, weights, count, cfg.seed, index, step, rnd)[d.rank::d.world_size]
         prompts = [prompt_ids[k][i] for k, i in draws]
         t0 = time.perf_counter()
         with sample.sampling_weights(model):
             outs = sample.generate(model, prompts, stage.max_new_tokens, temperature=stage.temperature,
                                    top_p=stage.top_p, n=stage.rollouts, stop_token_ids=tokenizer.stop_token_ids,
-                                   seed=rollout_seed(cfg.seed, index, step, d.rank, rnd), raw_logprobs=True)
+                                   seed=common.rollout_seed(cfg.seed, index, step, d.rank, rnd), raw_logprobs=True)
         t1 = time.perf_counter()
         examples = [pools[k][i] for k, i in draws for _ in range(stage.rollouts)]
         texts = [sample.response_text(tokenizer, c, stage.thinking) for c in outs]

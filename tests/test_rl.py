@@ -191,7 +191,7 @@ def toy_run(steps, chosen=50, seed=0):
     for step in range(steps):
         def rollout_round(rnd, count):
             chosen_prompts = [prompts[(step * 3 + rnd * 5 + j) % len(prompts)] for j in range(count)]
-            outs = sample.generate(model, chosen_prompts, 4, n=8, seed=rl.rollout_seed(seed, 0, step, 0, rnd),
+            outs = sample.generate(model, chosen_prompts, 4, n=8, seed=common.rollout_seed(seed, 0, step, 0, rnd),
                                    stop_token_ids=[], raw_logprobs=True)
             return [dict(prompt=p, completions=outs[j * 8:(j + 1) * 8],
                          rewards=[float(chosen in c.tokens) for c in outs[j * 8:(j + 1) * 8]])
@@ -349,7 +349,7 @@ def test_named_errors(toy_run_dir, tmp_path):
         run_rl(root, "err", config=tmp_path / "p.json")
     bad(max_new_tokens=300)                              # the toy model's context is 262144; make a small one
     small = toy_export(tmp_path / "short", {4: 0.0}, max_position_embeddings=64)
-    with pytest.raises(ValueError, match="prompt 0 of domain 'if' .* exceeds the model's context of 64"):
+    with pytest.raises(ValueError, match="prompt 0 of domain 'if' has .* exceeds the model's context of 64"):
         run_rl(root, "err", config=tmp_path / "p.json", init=small)
     big = toy_export(tmp_path / "big", {4: 0.0}, vocab_size=1024)       # the shipped tokenizer has 2048 ids
     with pytest.raises(ValueError, match="tokenizer has 2048 tokens but the model's vocab_size is 1024"):

@@ -1,0 +1,345 @@
+"""
+Stage 3 of Nemotron-Cascade 2: multi-domain on-policy distillation (MOPD) from the best checkpoint per domain.
+
+Every domain gets a teacher: by default the checkpoint with the best held-out score on it in cascade.json (the
+SFT checkpoint can be one, as it is for math in the paper). The student samples; each teacher scores the
+tokens the student sampled on its own domain's prompts; the student moves toward the teacher on exactly those
+tokens (DESIGN.md section 7, Eq. 2-4 of the paper):
+
+    a_t = log pi_teacher(y_t | s_t) - log pi_train(y_t | s_t)             # reverse-KL signal, sampled token only
+    r_t = pi_train(y_t | s_t) / pi_sampler(y_t | s_t);   w_t = sg(r_t) * [0.5 <= r_t <= 2.0]
+    L   = - mean_over_sequences( (1/|y|) sum_t w_t * sg(a_t) * log pi_train(y_t | s_t) )
+
+No outcome reward, no group baseline, no KL to a reference: the verifiers are used only for evaluation.
+
+    python distill.py --cascade out/rl/cascade.json --out_dir out/mopd          # the tiny default
+    torchrun --nproc_per_node=8 distill.py --config configs/mopd_nano_30b.json --cascade out/rl/cascade.json
+    python distill.py --help                                                    # every option with its default
+
+Writes to out_dir: metrics.jsonl, curves.png (reverse KL per domain over steps), checkpoints/ (resumable: rerun
+the same command), export/; and appends the "mopd" row (scores, teachers) to cascade.json. A finished run is
+skipped on rerun.
+"""
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import common
+import sample
+import tasks
+from model import Model
+from tokenizer import load_tokenizer
+
+
+@dataclass
+class MOPDConfig:
+    cascade: str = "out/rl/cascade.json"  # every checkpoint's held-out scores: teachers are picked from it
+    student: str = ""  # HF export the student starts from (empty = the checkpoint of cascade.json's last row)
+    teachers: tuple[str, ...] = ()  # per-domain overrides, DOMAIN=ROW_NAME_OR_EXPORT_DIR (e.g. math=sft)
+    domains: tuple[str, ...] = ()  # domains to distill (empty = every scored domain with prompts in train_data)
+    weights: tuple[float, ...] = ()  # share of each domain's prompts in a batch (empty = equal shares)
+    out_dir: str = "out/mopd"  # metrics, checkpoints and the HF export go here
+    train_data: str = "data/rl.jsonl"  # prompts (any source tasks.load_examples reads; paper: the MOPD release)
+    eval_data: str = "data/eval.jsonl"  # held-out examples scored per domain (greedy pass@1)
+    eval_per_domain: int = 30  # held-out examples per domain (0 = all)
+    eval_max_new_tokens: int = 96  # generation budget of the held-out evaluation
+    eval_batch_size: int = 64  # held-out prompts per generate call
+    eval_every: int = 0  # held-out evaluation every N steps (0 = only at the end)
+    # a step (paper: 128 prompts x 4 rollouts, lr 2e-6 with a 30-step linear warmup from 2e-7, ~40-50 steps)
+    steps: int = 50  # optimizer steps, one per batch
+    prompts_per_step: int = 8  # prompts per batch, across processes
+    rollouts: int = 4  # student completions per prompt
+    micro_batch: int = 32  # rollouts per forward/backward on each process
+    lr: float = 2e-6  # peak learning rate
+    warmup_steps: int = 30  # linear warmup steps, from a tenth of the peak (early gradient norms are large)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    max_new_tokens: int = 128  # student rollout token budget
+    temperature: float = 1.0  # student sampling temperature
+    top_p: float = 1.0  # student nucleus mass (the sampler's log-probs include it: r_t stays exact)
+    thinking: bool = True  # render prompts in thinking mode
+    weight_low: float = 0.5  # tokens with r_t below this get weight 0
+    weight_high: float = 2.0  # tokens with r_t above this get weight 0
+    # run
+    seed: int = 0  # prompt draws and rollouts: seeded by (seed, step, rank)
+    device: str = "auto"  # auto, cpu or cuda
+    bf16: bool = False  # bf16 compute with fp32 master weights and reductions (FSDP, GPU)
+    activation_checkpointing: bool = False  # recompute each layer in backward to save memory
+    save_every: int = 10  # checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept
+    export_dtype: str = ""  # dtype of the HF export: bfloat16, float32 or empty = as trained
+    wandb_project: str = ""  # also log to Weights & Biases when set and wandb is installed
+    inject_kill_at_step: int = -1  # fault injection for tests: SIGKILL this process as this step starts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Teachers
+
+
+def pick_teachers(cascade, domains, overrides, source):
+    """{domain: (row name, checkpoint dir, score)}: the best-scoring row per domain (ties: the later row), or the
+    row name / export directory given for it in overrides ("domain=name_or_dir")."""
+    chosen = {}
+    for dom in domains:
+        rows = [r for r in cascade["rows"] if dom in r["scores"]]
+        if not rows:
+            raise ValueError(f"{source}: no checkpoint has a score on domain {dom!r}")
+        best = max(reversed(rows), key=lambda r: r["scores"][dom])         # max keeps the first of ties
+        chosen[dom] = (best["name"], best["checkpoint"], best["scores"][dom])
+    for item in overrides:
+        dom, sep, who = item.partition("=")
+        if not sep or dom not in chosen:
+            raise ValueError(f"--teachers {item!r}: expected DOMAIN=ROW_OR_DIR with DOMAIN one of {sorted(chosen)}")
+        row = common.cascade_row(cascade, who)
+        if row is not None:
+            chosen[dom] = (row["name"], row["checkpoint"], row["scores"].get(dom))
+        elif os.path.isfile(os.path.join(who, "config.json")):
+            chosen[dom] = (who, who, None)
+        else:
+            raise ValueError(f"--teachers {item!r}: {who!r} is neither a row of {source} "
+                             f"({', '.join(r['name'] for r in cascade['rows'])}) nor an export directory")
+    return chosen
+
+
+def same_vocabulary(tok_a, tok_b):
+    return tok_a.tokenizer.get_vocab(with_added_tokens=True) == tok_b.tokenizer.get_vocab(with_added_tokens=True)
+
+
+def load_teachers(chosen, student_tokenizer, student_dir, d, cfg):
+    """Each distinct teacher checkpoint once, frozen, in eval mode, sharded like the student. A teacher whose
+    tokenizer differs from the student's is refused: its log-probs would be of other tokens."""
+    models = {}
+    for dom, (name, path, _) in chosen.items():
+        if path in models:
+            continue
+        if not same_vocabulary(load_tokenizer(path), student_tokenizer):
+            raise ValueError(f"teacher {name!r} for {dom} ({path}) has another vocabulary than the student "
+                             f"({student_dir}): its log-probs would score other tokens")
+        models[path] = common.load_policy(path, d, cfg.bf16, trainable=False)
+    return models
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loss (Eq. 4)
+
+
+def mopd_loss(logprobs, teacher_logprobs, sampler_logprobs, mask, n_sequences, low=0.5, high=2.0):
+    """
+    Eq. 4 over one micro-batch, all [B, T] (mask: the completion tokens):
+        a_t = teacher - sg(train);  r_t = exp(sg(train) - sampler);  w_t = r_t * [low <= r_t <= high]
+        L = -(1 / n_sequences) sum_sequences (1/|y|) sum_t w_t a_t log pi_train(y_t)
+    n_sequences is the number of sequences in the WHOLE batch (all micro-batches and processes), so the loss is
+    a per-sequence token mean averaged over the batch however it is split. Returns (loss, a [B, T], w [B, T]).
+    """
+    lp = logprobs.detach()
+    adv = (teacher_logprobs - lp) * mask
+    ratio = torch.exp(lp - sampler_logprobs)
+    weight = torch.where((ratio >= low) & (ratio <= high), ratio, torch.zeros_like(ratio)) * mask
+    per_seq = (weight * adv * logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return -per_seq.sum() / n_sequences, adv, weight
+
+
+def padded(rows, like):
+    """Per-row lists of token values -> [B, T] aligned with the completion targets of `like` (targets >= 0)."""
+    out = torch.zeros(like.shape, dtype=torch.float32)
+    mask = like >= 0
+    for b, vals in enumerate(rows):
+        out[b][mask[b]] = torch.tensor(vals, dtype=torch.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(cfg: MOPDConfig):
+    d = common.init_dist(cfg.device)
+    cascade = common.read_cascade(cfg.cascade)
+    if not cascade["rows"]:
+        raise FileNotFoundError(f"--cascade {cfg.cascade}: no such file or no rows; run rl.py first")
+    if common.cascade_row(cascade, "mopd") is not None and \
+            os.path.isfile(os.path.join(cfg.out_dir, "export", "config.json")):
+        if d.is_main:
+            print(f"mopd: finished earlier ({fmt(common.cascade_row(cascade, 'mopd')['scores'])}); skipping")
+        common.close_dist()
+        return cascade
+    student_dir = cfg.student or [r for r in cascade["rows"] if r["name"] != "mopd"][-1]["checkpoint"]
+    tokenizer = load_tokenizer(student_dir)
+    common.check_tokenizer(tokenizer, Model.config_from_pretrained(student_dir), f"student {student_dir}")
+    train_examples = tasks.load_examples(cfg.train_data, verbose=d.is_main)
+    have = {ex["domain"] for ex in train_examples}
+    domains = list(cfg.domains) or [dom for dom in cascade["domains"] if dom in have]
+    unknown = [dom for dom in domains if dom not in cascade["domains"]]
+    if unknown or not domains:
+        raise ValueError(f"--domains: {unknown or '(none)'} not scored in {cfg.cascade} "
+                         f"(scored: {cascade['domains']})")
+    weights = list(cfg.weights) or [1.0] * len(domains)
+    if len(weights) != len(domains) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--weights {cfg.weights}: one non-negative weight per domain {domains}, not all zero")
+    if cfg.prompts_per_step % d.world_size:
+        raise ValueError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world_size} "
+                         "processes")
+    chosen = pick_teachers(cascade, domains, cfg.teachers, cfg.cascade)
+    if d.is_main:
+        for dom, (name, path, score) in chosen.items():
+            print(f"mopd: teacher for {dom:<5} = {name} ({'score ' + format(score, '.3f') if score is not None else 'unscored'})"
+                  f"  {path}")
+    teachers = load_teachers(chosen, tokenizer, student_dir, d, cfg)
+    teacher_of = {dom: teachers[path] for dom, (_, path, _) in chosen.items()}
+
+    model = common.load_policy(student_dir, d, cfg.bf16, cfg.activation_checkpointing)
+    pools, prompt_ids = common.prompt_pools(train_examples, domains, tokenizer, cfg.thinking, cfg.max_new_tokens,
+                                            model.config.max_position_embeddings, f"--train_data {cfg.train_data}")
+    eval_examples = common.held_out_examples(cfg.eval_data, cfg.eval_per_domain)
+    optimizer = common.make_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay)
+    ckpt = common.Checkpointer(cfg.out_dir, d, keep_last=cfg.keep_last)
+    start_step, latest = 0, ckpt.latest()
+    if latest:
+        start_step = ckpt.load(latest, model, optimizer)["step"]
+        if d.is_main:
+            print(f"mopd: resuming from {latest} (step {start_step})")
+    log = common.MetricsLog(cfg.out_dir, d, resume_step=start_step, wandb_project=cfg.wandb_project or None,
+                            run_config=asdict(cfg))
+    if d.is_main:
+        print(f"mopd: student {student_dir}; {cfg.steps} steps of {cfg.prompts_per_step} prompts x {cfg.rollouts} "
+              f"rollouts on {dict(zip(domains, weights))}")
+
+    model.train()
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="mopd",
+               disable=not d.is_main, dynamic_ncols=True)
+    for step in bar:
+        if step == cfg.inject_kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, "constant", warmup_start_lr=cfg.lr / 10)
+        common.set_lr(optimizer, lr)
+
+        # 1. the student samples (its own log-probs come back with the tokens)
+        t0 = time.perf_counter()
+        draws = common.draw_prompts(pools, weights, cfg.prompts_per_step, cfg.seed, 0, step, 0)[d.rank::d.world_size]
+        prompts = [prompt_ids[k][i] for k, i in draws for _ in range(cfg.rollouts)]
+        row_domains = [domains[k] for k, _ in draws for _ in range(cfg.rollouts)]
+        with sample.sampling_weights(model):
+            outs = sample.generate(model, [prompt_ids[k][i] for k, i in draws], cfg.max_new_tokens,
+                                   temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.rollouts,
+                                   stop_token_ids=tokenizer.stop_token_ids,
+                                   seed=common.rollout_seed(cfg.seed, 0, step, d.rank, 0))
+        t1 = time.perf_counter()
+
+        # 2. each completion scored by its own domain's teacher, on exactly the sampled tokens
+        teacher_lp = score_with_teachers(teachers, teacher_of, prompts, outs, row_domains, cfg.micro_batch, d,
+                                         tokenizer.pad_id)
+        t2 = time.perf_counter()
+
+        # 3. one optimizer step on Eq. 4
+        stats = train_step(model, prompts, outs, teacher_lp, row_domains, domains, cfg, d, tokenizer.pad_id)
+        common.check_finite(step, loss=stats["loss"], grad_norm=stats["grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        imbalance = common.balance_experts(model, d)
+        t3 = time.perf_counter()
+
+        lens = common.all_reduce_sum(torch.tensor([float(sum(len(c.tokens) for c in outs)), float(len(outs))],
+                                                  device=d.device), d)
+        metrics = dict(stats, lr=lr, response_len=(lens[0] / lens[1]).item(), time_sample=t1 - t0,
+                       time_teacher=t2 - t1, time_train=t3 - t2, expert_imbalance=imbalance,
+                       rollout_tokens_per_s=lens[0].item() / max(t1 - t0, 1e-9),
+                       peak_mem_mb=common.peak_memory_mb(d.device))
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            metrics.update({f"eval_{dom}": s for dom, s in common.evaluate_domains(
+                model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens, cfg.thinking,
+                cfg.eval_batch_size).items()})
+        log.log(done, **metrics)
+        bar.set_postfix(rkl=f"{metrics['reverse_kl']:.4f}", loss=f"{metrics['loss']:.4f}",
+                        gnorm=f"{metrics['grad_norm']:.2f}", cut=f"{metrics['weight_cut_frac']:.3f}")
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+            ckpt.save(done, model, optimizer, {})
+    bar.close()
+
+    export_dir = os.path.join(cfg.out_dir, "export")
+    common.export_hf(model, tokenizer, export_dir, d,
+                     dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
+    scores = common.evaluate_domains(model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens, cfg.thinking,
+                                     cfg.eval_batch_size)
+    log.log(cfg.steps, **{f"eval_{dom}": s for dom, s in scores.items()})
+    common.write_cascade_row(cfg.cascade, dict(name="mopd", checkpoint=os.path.abspath(export_dir),
+                                               trained=domains, scores=scores,
+                                               teachers={dom: name for dom, (name, _, _) in chosen.items()}), d)
+    if d.is_main:
+        common.plot_metrics(log.path, os.path.join(cfg.out_dir, "curves.png"),
+                            [f"reverse_kl_{dom}" for dom in domains] + ["weight_cut_frac", "grad_norm",
+                                                                        "response_len"])
+        print(f"mopd: held-out pass@1 {fmt(scores)}; exported {export_dir}")
+    common.close_dist()
+    return common.read_cascade(cfg.cascade)
+
+
+@torch.no_grad()
+def score_with_teachers(teachers, teacher_of, prompts, outs, row_domains, micro_batch, d, pad_id):
+    """log pi_teacher of every sampled token, each row by its own domain's teacher (one forward per micro-batch
+    of that teacher's rows; every process runs the same number per teacher). Returns per-row lists."""
+    out = [None] * len(outs)
+    for model in teachers.values():
+        rows = [i for i, dom in enumerate(row_domains) if teacher_of[dom] is model]
+        for m in range(common.num_micro_batches(len(rows), micro_batch, d)):
+            chunk = rows[m * micro_batch:(m + 1) * micro_batch]
+            p_rows = [prompts[i] for i in chunk] or [[pad_id, pad_id]]
+            c_rows = [outs[i] for i in chunk] or [sample.Completion([pad_id], [0.0], "length")]
+            ids, targets = common.rollout_batch(p_rows, c_rows, pad_id)
+            lp = common.completion_logprobs(model, ids, targets, d.device).float().cpu()
+            for i, row, msk in zip(chunk, lp, targets >= 0):
+                out[i] = row[msk].tolist()
+    return out
+
+
+def train_step(model, prompts, outs, teacher_lp, row_domains, domains, cfg, d, pad_id):
+    """The gradient of Eq. 4 over this process's rows (the caller steps), and the step's statistics: the loss,
+    the reverse-KL estimate per domain (mean of -a_t over its tokens), the share of tokens whose weight was cut."""
+    n_seq = common.all_reduce_sum(torch.tensor(float(len(outs)), device=d.device), d)
+    sums = torch.zeros(len(domains), 2, dtype=torch.float64)          # sum of -a_t, token count, per domain
+    cut, n_tok, ratio_sum = 0.0, 0.0, 0.0
+    loss_sum = torch.zeros((), device=d.device)
+    for m in range(common.num_micro_batches(len(outs), cfg.micro_batch, d)):
+        rows = list(range(m * cfg.micro_batch, min((m + 1) * cfg.micro_batch, len(outs))))
+        p_rows = [prompts[i] for i in rows] or [[pad_id, pad_id]]
+        c_rows = [outs[i] for i in rows] or [sample.Completion([pad_id], [0.0], "length")]
+        ids, targets = common.rollout_batch(p_rows, c_rows, pad_id)
+        mask = (targets >= 0).float()
+        if not rows:
+            mask.zero_()
+        lp = common.completion_logprobs(model, ids, targets, d.device)
+        t_lp = padded([teacher_lp[i] for i in rows] or [[0.0]], targets).to(d.device)
+        s_lp = padded([outs[i].logprobs for i in rows] or [[0.0]], targets).to(d.device)
+        mask = mask.to(d.device)
+        loss, adv, weight = mopd_loss(lp, t_lp, s_lp, mask, n_seq, cfg.weight_low, cfg.weight_high)
+        (loss * d.world_size).backward()               # FSDP averages gradients over processes: undo it
+        loss_sum += loss.detach()
+        ratio = torch.exp(lp.detach() - s_lp) * mask
+        for b, i in enumerate(rows):
+            k = domains.index(row_domains[i])
+            sums[k] += torch.tensor([-(adv[b].sum().item()), mask[b].sum().item()], dtype=torch.float64)
+        cut += float(((weight == 0) & (mask > 0)).sum())
+        n_tok += float(mask.sum())
+        ratio_sum += float(ratio.sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    totals = common.all_reduce_sum(torch.cat([sums.flatten(), torch.tensor([cut, n_tok, ratio_sum],
+                                                                          dtype=torch.float64)]).to(d.device), d).cpu()
+    sums, (cut, n_tok, ratio_sum) = totals[:-3].view(-1, 2), totals[-3:].tolist()
+    stats = {f"reverse_kl_{dom}": float(s / c) for dom, (s, c) in zip(domains, sums.tolist()) if c}
+    stats.update(reverse_kl=float(sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)),
+                 weight_cut_frac=cut / max(n_tok, 1), ratio_mean=ratio_sum / max(n_tok, 1),
+                 loss=common.all_reduce_sum(loss_sum, d).item(), grad_norm=grad_norm)
+    return stats
+
+
+def fmt(scores):
+    return " ".join(f"{dom} {s:.3f}" for dom, s in scores.items())
+
+
+if __name__ == "__main__":
+    main(common.parse_config(MOPDConfig, description=__doc__))
