@@ -311,7 +311,8 @@ _held_out_dirs = {}
 
 def claim_out_dir(out_dir, stage, model_config=None):
     """Lock out_dir for this run (rank 0; the lock file names the holder) and check that the checkpoints already
-    in it are this stage's and this architecture's. Raises RuntimeError naming the other process or run."""
+    in it are this stage's and this architecture's. Raises ConfigError naming the other process or run. The lock
+    is held until release_out_dir(out_dir) or the end of the process."""
     if int(os.environ.get("RANK", 0)) != 0:
         return
     import fcntl
@@ -326,14 +327,14 @@ def claim_out_dir(out_dir, stage, model_config=None):
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RuntimeError(f"--out_dir={out_dir} is in use by {holder}; wait for that run to end or choose "
-                               "another --out_dir") from None
+            raise ConfigError(f"--out_dir={out_dir} is in use by {holder}; wait for that run to end or choose "
+                              "another --out_dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)})".encode(), 0)
         _held_out_dirs[key] = fd
     try:
         _check_run_record(out_dir, stage, model_config.to_hf() if model_config is not None else None)
-    except RuntimeError:
+    except ConfigError:
         release_out_dir(out_dir)
         raise
 
@@ -352,16 +353,18 @@ def _check_run_record(out_dir, stage, arch):
             previous = dict(stage=stage, model=json.load(f))
     if previous is not None and has_results:
         if previous.get("stage") != stage:
-            raise RuntimeError(f"--out_dir={out_dir} holds a {previous.get('stage')} run's checkpoints; a {stage} "
-                               "run needs its own --out_dir")
+            raise ConfigError(f"--out_dir={out_dir} holds a {previous.get('stage')} run's checkpoints; a {stage} "
+                              "run needs its own --out_dir")
         if arch is not None and previous.get("model") is not None:
             differ = sorted(k for k in arch if k not in ("torch_dtype", "dtype") and k in previous["model"]
                             and previous["model"][k] != arch[k])
             if differ:
                 shown = ", ".join(f"{k}: {previous['model'][k]!r} there, {arch[k]!r} now" for k in differ[:4])
-                raise RuntimeError(f"--out_dir={out_dir} holds checkpoints of another model ({shown}); resuming "
-                                   "from them cannot work: choose another --out_dir")
-    _write_atomic(record, json.dumps(dict(stage=stage, model=arch), indent=2))
+                raise ConfigError(f"--out_dir={out_dir} holds checkpoints of another model ({shown}); resuming "
+                                  "from them cannot work: choose another --out_dir")
+    current = dict(stage=stage, model=arch if arch is not None else (previous or {}).get("model"))
+    if current != previous:                  # rewritten only when it changes (a first run, a new out_dir)
+        _write_atomic(record, json.dumps(current, indent=2))
 
 
 def load_eval_examples(source, option="--eval_data", per_domain=0, limit=None):
@@ -392,6 +395,20 @@ def release_out_dir(out_dir):
     fd = _held_out_dirs.pop(os.path.realpath(out_dir), None)
     if fd is not None:
         os.close(fd)
+
+
+def run_main(main, cfg):
+    """A stage script's entry point: main(cfg), where bad input found after parsing (a data row, the out_dir,
+    the held-out file: ConfigError or tasks.ExampleError) ends with its one-line message and exit status 2, as an
+    option error does, instead of a traceback."""
+    import sys
+
+    from tasks import ExampleError
+    try:
+        return main(cfg)
+    except (ConfigError, ExampleError) as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def write_json_atomic(path, obj):

@@ -478,11 +478,49 @@ class Attention(nn.Module):
             cache["k"][:, :, pos:pos + T] = k
             cache["v"][:, :, pos:pos + T] = v
             k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
+        if isinstance(attn_mask, Segments):
+            return self.o_proj(segment_attention(q, k, v, attn_mask).transpose(1, 2).reshape(bsz, T, -1))
         # kv head j serves q heads [j*g, (j+1)*g): enable_gqa repeats them inside SDPA
         # attn_mask None means plain causal for a fresh sequence, or no mask at all for one decoded token
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(bsz, T, -1))
+
+
+class Segments:
+    """
+    Each row cut into runs of consecutive positions that attend causally among themselves only: packed
+    documents, and the padding before (left-padded prompts) or after (packed rows) the real tokens. Built once
+    per forward from doc_ids and the attention mask (one host sync), and used by every attention layer instead
+    of a dense [B, 1, T, S] mask. spans[b] = [(start, end), ...] covering row b.
+    """
+
+    def __init__(self, ids):
+        """ids [B, T]: equal adjacent values = same run (a document id, or -1 / -2 for padding)."""
+        starts = F.pad(ids[:, 1:] != ids[:, :-1], (1, 0), value=True)
+        b, t = starts.nonzero(as_tuple=True)
+        self.spans = [[] for _ in range(ids.shape[0])]
+        for row, start in zip(b.tolist(), t.tolist()):
+            if self.spans[row]:
+                self.spans[row][-1] = (self.spans[row][-1][0], start)
+            self.spans[row].append((start, ids.shape[1]))
+
+
+def segment_attention(q, k, v, segments):
+    """
+    Causal attention within each run of Segments: per run one fused SDPA call (flash kernels on CUDA and CPU),
+    so the extra memory is O(T) however long the row, and the g = n_heads / n_kv query heads sharing a kv head
+    use it in place (enable_gqa, no repeated K/V). q [B, n_heads, T, d]; k, v [B, n_kv, T, d].
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if all(len(spans) == 1 for spans in segments.spans):          # one run per row: the batch in one call
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    rows = []
+    for b, spans in enumerate(segments.spans):
+        rows.append(torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
+                                                              v[b:b + 1, :, s:e], is_causal=True, enable_gqa=gqa)
+                               for s, e in spans], dim=2))
+    return torch.cat(rows)
 
 
 def decode_attention(q, k, v, cache, pos, valid):
@@ -742,14 +780,17 @@ class Model(nn.Module):
             prev = F.pad(doc_ids, (K - 1, 0), value=-1).unfold(1, K, 1)      # [B, T, K]: the conv taps' docs
             doc = dict(reset=F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0), value=True),
                        same_doc=prev == doc_ids.unsqueeze(-1))
-            real = valid if valid is not None else torch.ones_like(doc_ids, dtype=torch.bool)
-            attn_mask = build_attn_mask(T, real, 0, doc_ids, doc_ids)
+            # padding (attention_mask 0) is a run of its own; doc_ids must not use -2
+            attn_mask = Segments(doc_ids if valid is None else doc_ids.masked_fill(~valid, -2))
         elif cache is not None and not step:
-            # without padding, a prefill from position 0 is plain causal and one decoded token sees everything
-            if not ((pos == 0 or T == 1) and bool(cache.valid[:, :pos + T].all())):
+            # a prefill from position 0: causal within the left padding and within the prompt (Segments); one
+            # decoded token without padding sees everything; a later multi-token step takes the dense mask
+            if pos == 0:
+                attn_mask = Segments(cache.valid[:, :T].long())
+            elif not (T == 1 and bool(cache.valid[:, :pos + T].all())):
                 attn_mask = build_attn_mask(T, cache.valid[:, :pos + T], pos)
-        elif valid is not None:
-            attn_mask = build_attn_mask(T, valid, 0)
+        elif valid is not None:                         # left padding: two runs per row, no dense mask
+            attn_mask = Segments(valid.long())
 
         h = self.backbone.embeddings(input_ids)
         for i, block in enumerate(self.backbone.layers):

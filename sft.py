@@ -77,10 +77,10 @@ class SFTConfig:
 # Data: render, tokenize, pack
 
 
-def tokenize(examples, tokenizer, thinking):
+def tokenize(examples, tokenizer, thinking, progress=False):
     """Each example -> (ids, mask): mask marks the assistant tokens, the only ones trained on."""
     docs = []
-    for ex in examples:
+    for ex in tqdm(examples, desc="sft: tokenizing", unit=" examples", disable=not progress, mininterval=2):
         ids, mask = encode_chat(tokenizer, ex["messages"], tools=ex.get("tools"), thinking=thinking)
         docs.append((ids, mask))
     return docs
@@ -188,23 +188,25 @@ def main(cfg: SFTConfig):
     common.seed_everything(cfg.seed)
     tokenizer = load_tokenizer_for(cfg)
     if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(f"--tokenizer {cfg.tokenizer or cfg.model} has {tokenizer.vocab_size} tokens but the "
-                         f"model's vocab_size is {model_config.vocab_size}")
+        raise common.ConfigError(f"--tokenizer {cfg.tokenizer or cfg.model} has {tokenizer.vocab_size} tokens but "
+                                 f"the model's vocab_size is {model_config.vocab_size}")
 
     # data: hold out a validation slice, tokenize, pack
+    if d.is_main:
+        print(f"sft: loading {cfg.train_data}", flush=True)
     examples = tasks.load_examples(cfg.train_data, split=cfg.train_split, config=cfg.train_subset or None,
                                    verbose=d.is_main)
     examples = [ex for ex in examples if any(m["role"] == "assistant" for m in ex["messages"])]
     if not examples:
-        raise ValueError(f"--train_data {cfg.train_data}: no examples with an assistant turn to train on")
+        raise common.ConfigError(f"--train_data {cfg.train_data}: no examples with an assistant turn to train on")
     order = np.random.default_rng(cfg.seed).permutation(len(examples))
     n_val = max(1, int(len(examples) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
     val_ex, train_ex = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
-    train = pack(tokenize(train_ex, tokenizer, cfg.thinking), cfg.seq_len, tokenizer.pad_id)
+    train = pack(tokenize(train_ex, tokenizer, cfg.thinking, progress=d.is_main), cfg.seq_len, tokenizer.pad_id)
     val = pack(tokenize(val_ex, tokenizer, cfg.thinking), cfg.seq_len, tokenizer.pad_id) if val_ex else None
     num_rows = len(train[0])
     if not train_ex or not (train[1] >= 0).any():
-        raise ValueError(f"--train_data {cfg.train_data}: nothing to train on: " + (
+        raise common.ConfigError(f"--train_data {cfg.train_data}: nothing to train on: " + (
             f"--val_fraction={cfg.val_fraction} holds out all {len(examples)} examples" if not train_ex else
             f"no assistant token is left within --seq_len={cfg.seq_len} tokens of any row; raise --seq_len"))
 
@@ -326,4 +328,4 @@ def score_export(export_dir, examples, max_new_tokens, thinking, out_json, devic
 
 
 if __name__ == "__main__":
-    main(common.parse_config(SFTConfig, description=__doc__))
+    common.run_main(main, common.parse_config(SFTConfig, description=__doc__))

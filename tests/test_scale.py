@@ -221,3 +221,92 @@ def test_midsize_model_from_scratch_never_whole_on_one_process(tmp_path):
     assert got["local"] <= got["total"] / 2 + 1e6
     # the peak resident memory building it grew by about this process's shard, never the whole model
     assert got["grown"] < 0.7 * got["total"], got
+
+
+# -- attention without a dense mask ------------------------------------------------------------------------------
+
+
+def _dense_attention(q, k, v, doc_ids):
+    """The reference: SDPA with the dense [B, 1, T, T] mask of the old path."""
+    from model import build_attn_mask
+    mask = build_attn_mask(q.shape[2], torch.ones_like(doc_ids, dtype=torch.bool), 0, doc_ids, doc_ids)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def test_segment_attention_equals_dense_mask_values_and_gradients():
+    from model import Segments, segment_attention
+    torch.manual_seed(0)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 3 + [-1] * 3,      # packed documents, padding at the end
+                            [-2] * 6 + [0] * 14,                          # left padding
+                            [0] * 20])
+    q, k, v = (torch.randn(3, h, 20, 8, requires_grad=True) for h in (4, 2, 2))
+    out = segment_attention(q, k, v, Segments(doc_ids))
+    ref = _dense_attention(q, k, v, doc_ids)
+    real = (doc_ids >= 0)[:, None, :, None]               # padding outputs are never used by a real token
+    torch.testing.assert_close(out * real, ref * real, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad((out * real).square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * real).square().sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_and_left_padded_model_outputs_match_the_dense_path(monkeypatch):
+    """The whole model with Segments against the same model forced onto the old dense-mask path."""
+    import model as model_lib
+    torch.manual_seed(0)
+    m = Model(small_config())
+    ids = torch.randint(0, 101, (2, 24))
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 7 + [1] * 7 + [2] * 6 + [-1] * 4])
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :9] = 0
+    targets = torch.randint(0, 101, (2, 24))
+    new = [m.token_logprobs(ids, targets, doc_ids=doc_ids), m(ids, attention_mask=mask)]
+    new_grads = torch.autograd.grad(new[0].sum(), list(m.parameters()))
+
+    def dense(q, k, v, segments):   # the old path: each run (document or padding) in a dense [B, 1, T, T] mask
+        runs = torch.zeros(q.shape[0], q.shape[2], dtype=torch.long)
+        for b, spans in enumerate(segments.spans):
+            for i, (s, e) in enumerate(spans):
+                runs[b, s:e] = i
+        return _dense_attention(q, k, v, runs)
+    monkeypatch.setattr(model_lib, "segment_attention", dense)
+    old = [m.token_logprobs(ids, targets, doc_ids=doc_ids), m(ids, attention_mask=mask)]
+    old_grads = torch.autograd.grad(old[0].sum(), list(m.parameters()))
+    torch.testing.assert_close(new[0], old[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new[1][1, 9:], old[1][1, 9:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new[1][0], old[1][0], atol=1e-5, rtol=1e-5)
+    for g, r in zip(new_grads, old_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+ATTN_MEMORY_SCRIPT = """
+import json, resource, sys, time, torch
+from model import Segments, segment_attention
+from tests.test_scale import _dense_attention
+torch.manual_seed(0)
+T = 16384
+doc_ids = (torch.arange(T) // 1500)[None]                   # eleven packed documents
+q, k, v = (torch.randn(1, h, T, 16, requires_grad=True) for h in (2, 1, 1))
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out = {}
+for name, fn in (("segments", lambda: segment_attention(q, k, v, Segments(doc_ids))),
+                 ("dense", lambda: _dense_attention(q, k, v, doc_ids))):
+    before, t0 = peak(), time.perf_counter()       # the dense path goes second: its growth is above the first peak
+    fn().square().sum().backward()
+    out[name] = dict(grown=peak() - before, seconds=time.perf_counter() - t0)
+    q.grad = k.grad = v.grad = None
+print(json.dumps(out))
+"""
+
+
+def test_segment_attention_peak_memory_at_16k_is_a_fraction_of_the_dense_mask():
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", ATTN_MEMORY_SCRIPT], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    print(got)
+    assert got["dense"]["grown"] > 256 * 2**20                # the [1, 1, T, T] bool mask alone is 256 MiB
+    assert got["segments"]["grown"] < got["dense"]["grown"] / 8
