@@ -37,7 +37,6 @@ CLI (the checkpoint directory holds an HF export: config.json, safetensors, toke
 import argparse
 import contextlib
 import itertools
-import json
 import os
 import sys
 import time
