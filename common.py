@@ -284,6 +284,9 @@ def _shared_cross_checks(cfg):
             cfg.train_split != type(cfg).__dataclass_fields__["train_split"].default:
         problems.append(f"--train_split={cfg.train_split}: applies to an HF dataset (a hub name or a directory), "
                         f"not to the file {cfg.train_data}")
+    if has("model", "out_dir") and os.path.realpath(cfg.model).startswith(os.path.realpath(cfg.out_dir) + os.sep):
+        problems.append(f"--model={cfg.model} lies inside --out_dir={cfg.out_dir}, whose checkpoints and export this "
+                        "run would resume from and replace: choose another --out_dir")
     if has("tokenizer", "model") and not cfg.tokenizer and os.path.isfile(cfg.model):
         problems.append(f"--tokenizer is empty but --model={cfg.model} is a config file, which has no tokenizer: "
                         "name a tokenizer.json")

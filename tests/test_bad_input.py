@@ -122,6 +122,7 @@ SFT_CASES = [
     ("model_is_training_checkpoint", dict(model="{step}"), ["training checkpoint", "export"]),
     ("model_is_run_dir", dict(model="{run}"), ["no config.json", "export"]),
     ("model_truncated_safetensors", dict(model="{broken}"), ["model.safetensors", "truncated"]),
+    ("model_inside_out_dir", dict(model="{export}"), ["lies inside --out_dir", "choose another"]),
     ("tokenizer_missing", dict(tokenizer="{d}/tok.json"), ["--tokenizer", "tok.json"]),
     ("tokenizer_empty_for_config", dict(tokenizer=""), ["--tokenizer", "no tokenizer"]),
     ("train_subset_on_file", dict(train_subset="math"), ["--train_subset=math", "not to the file"]),
