@@ -15,7 +15,8 @@ has a knob that keeps some of it out of reach after SFT, which is what RL is for
           sentence count, JSON, no comma, quotation, title, postscript, forbidden word, first / last word)
     mcqa  four-option questions over a fixed synthetic fact base; the relevant facts and two distractors are in
           the prompt; the letter in \\boxed{}
-    json  an object following a small schema (2-4 fields drawn from a kind's fields) with values from the prompt
+    json  an object following a small schema (2-4 fields drawn from a kind's fields) with values from the prompt;
+          half the prompts also give a detail the schema has no field for (the strict schema forbids it)
     code  tiny stdin -> stdout Python programs (sum, max, reverse, count, ...), with a parameter (an offset, a
           repeat count, a divisor) that changes per problem; 3 tests each
     tool  one or two of five small tools offered (calculate, convert, lookup in a tiny city table, weekday,
@@ -328,12 +329,22 @@ def make_json(rng):
         names = list(KINDS[kind])[:2]
     properties = {f: KINDS[kind][f][0] for f in names}
     values = {f: KINDS[kind][f][1](rng) for f in names}
-    described = ", ".join(KINDS[kind][f][2].format(_say(values[f])) for f in names)
+    said = {f: KINDS[kind][f][2].format(_say(values[f])) for f in names}
+    # the knob: half the time the prompt also gives a detail the schema has no field for, which the (strict)
+    # schema forbids in the answer
+    extra = [f for f in KINDS[kind] if f not in names]
+    order, skipped = list(names), None
+    if extra and rng.random() < 0.5:
+        skipped = rng.choice(extra)
+        said[skipped] = KINDS[kind][skipped][2].format(_say(KINDS[kind][skipped][1](rng)))
+        order.insert(rng.randint(0, len(order)), skipped)
     schema = {"type": "object", "properties": properties}
-    prompt = (f"Give a JSON object for a {kind}: {described}.\n"
+    prompt = (f"Give a JSON object for a {kind}: {', '.join(said[f] for f in order)}.\n"
               f"Schema: {json.dumps(schema, separators=(',', ':'))}\nReply with the JSON only.")
     example = {"domain": "json", "messages": [{"role": "user", "content": prompt}], "schema": schema}
     trace = "Fields: " + ", ".join(f"{f} ({properties[f]['type']})" for f in names) + "."
+    if skipped:
+        trace += f" The schema has no {skipped}."
     return example, trace, json.dumps(values)
 
 

@@ -7,8 +7,8 @@ The tasks: what an example is, where examples come from, and how a response is g
     run_program(...)          the code sandbox: one untrusted program, one stdin, in a confined process
 
 One example is one JSON object (DESIGN.md section 8). `messages` is the conversation in chat form; for SFT it
-ends with the assistant's answer, for RL and evaluation it ends with the user's turn. The other fields are what
-the domain's verifier needs:
+ends with the assistant's answer, for RL and evaluation it ends with the user's turn (or a tool result). The other
+fields are what the domain's verifier needs, about the last assistant turn:
 
     {"domain": "math", "messages": [...], "answer": "42"}
     {"domain": "if",   "messages": [...], "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
@@ -20,11 +20,12 @@ the domain's verifier needs:
 Rows of any other domain (e.g. "sft/chat" from the SFT release) load fine for SFT but have no verifier.
 
 One file per idea: core.py (schema, loaders, final answer, reward dispatch, scoring), one file per domain's
-verifier (math.py, ifeval.py, mcqa.py, json.py, code.py, tools.py), and sandbox.py (the code sandbox). A domain module
-has `check(example, where)` (validate its fields, raise ExampleError) and `reward(example, answer, **options)`
-(grade the final answer); VERIFIERS below is the one place that maps a domain name to its module. Only the
-standard library is imported at the top of every file: `datasets`, `jsonschema`, `langdetect` and `math_verify`
-are imported where they are used, so `import tasks` is cheap (and the math worker and the sandbox start fast).
+verifier (math.py, ifeval.py, mcqa.py, json.py, code.py, tools.py), and sandbox.py (the code sandbox). A domain
+module has `check(example, where)` (validate its fields, raise ExampleError) and `reward(example, answer,
+**options)` (grade the final answer); VERIFIERS below is the one place that maps a domain name to its module.
+Only the standard library is imported at the top of every file: `datasets`, `jsonschema`, `langdetect`,
+`math_verify` and the tokenizer are imported where they are used, so `import tasks` is cheap (and the math worker
+and the sandbox start fast).
 """
 
 from . import code, ifeval, json, math, mcqa, tools
