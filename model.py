@@ -389,11 +389,11 @@ def ssm_step(state, x, dt, A, B, C):
     """
     b, h, p, n = state.shape
     g = B.shape[1]
-    B, C = B.repeat_interleave(h // g, dim=1), C.repeat_interleave(h // g, dim=1)     # [b, h, n]
-    S = state.view(b * h, p, n)
-    S.mul_(torch.exp(dt * A).view(b * h, 1, 1))
-    S.baddbmm_((dt.unsqueeze(-1) * x).reshape(b * h, p, 1), B.reshape(b * h, 1, n))   # + outer(dt x, B)
-    y = torch.bmm(S, C.reshape(b * h, n, 1)).view(b, h, p)
+    S = state.view(b, g, h // g, p, n)                       # heads grouped: B and C broadcast, not repeated
+    S.mul_(torch.exp(dt * A).view(b, g, -1, 1, 1))
+    S.addcmul_((dt.unsqueeze(-1) * x).view(b, g, -1, p, 1), B.view(b, g, 1, 1, n))    # + outer(dt x, B)
+    # elementwise, not bmm: b*h matrix-vector products of [p, n] are 3x slower through bmm on CPU
+    y = (S * C.view(b, g, 1, 1, n)).sum(-1).view(b, h, p)
     return y, state
 
 
