@@ -843,6 +843,21 @@ def rollout_batch(prompts, completions, pad_id=0):
     return ids, targets
 
 
+def start_or_resume(model, out_dir, d: Dist, name, lr, betas, weight_decay, keep_last=2, wandb_project=None,
+                    run_config=None):
+    """A stage's AdamW, Checkpointer and MetricsLog in out_dir, restored from its latest complete checkpoint when
+    there is one. Returns (optimizer, checkpointer, log, start_step)."""
+    optimizer = make_optimizer(model, lr, betas, weight_decay)
+    ckpt = Checkpointer(out_dir, d, keep_last=keep_last)
+    start_step, latest = 0, ckpt.latest()
+    if latest:
+        start_step = ckpt.load(latest, model, optimizer)["step"]
+        if d.is_main:
+            print(f"{name}: resuming from {latest} (step {start_step})")
+    log = MetricsLog(out_dir, d, resume_step=start_step, wandb_project=wandb_project or None, run_config=run_config)
+    return optimizer, ckpt, log, start_step
+
+
 def prompt_pools(examples, domains, tokenizer, thinking, max_new_tokens, context, source):
     """
     Per domain, its examples and their chat-template prompt ids (generation prompt, thinking or not). Named errors

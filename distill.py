@@ -186,8 +186,8 @@ def main(cfg: MOPDConfig):
     chosen = pick_teachers(cascade, domains, cfg.teachers, cfg.cascade)
     if d.is_main:
         for dom, (name, path, score) in chosen.items():
-            print(f"mopd: teacher for {dom:<5} = {name} ({'score ' + format(score, '.3f') if score is not None else 'unscored'})"
-                  f"  {path}")
+            scored = f"score {score:.3f}" if score is not None else "unscored"
+            print(f"mopd: teacher for {dom:<5} = {name} ({scored})  {path}")
     teachers = load_teachers(chosen, tokenizer, student_dir, d, cfg)
     teacher_of = {dom: teachers[path] for dom, (_, path, _) in chosen.items()}
 
@@ -195,15 +195,9 @@ def main(cfg: MOPDConfig):
     pools, prompt_ids = common.prompt_pools(train_examples, domains, tokenizer, cfg.thinking, cfg.max_new_tokens,
                                             model.config.max_position_embeddings, f"--train_data {cfg.train_data}")
     eval_examples = common.held_out_examples(cfg.eval_data, cfg.eval_per_domain)
-    optimizer = common.make_optimizer(model, cfg.lr, cfg.betas, cfg.weight_decay)
-    ckpt = common.Checkpointer(cfg.out_dir, d, keep_last=cfg.keep_last)
-    start_step, latest = 0, ckpt.latest()
-    if latest:
-        start_step = ckpt.load(latest, model, optimizer)["step"]
-        if d.is_main:
-            print(f"mopd: resuming from {latest} (step {start_step})")
-    log = common.MetricsLog(cfg.out_dir, d, resume_step=start_step, wandb_project=cfg.wandb_project or None,
-                            run_config=asdict(cfg))
+    optimizer, ckpt, log, start_step = common.start_or_resume(
+        model, cfg.out_dir, d, "mopd", cfg.lr, cfg.betas, cfg.weight_decay, cfg.keep_last, cfg.wandb_project,
+        asdict(cfg))
     if d.is_main:
         print(f"mopd: student {student_dir}; {cfg.steps} steps of {cfg.prompts_per_step} prompts x {cfg.rollouts} "
               f"rollouts on {dict(zip(domains, weights))}")

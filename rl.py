@@ -34,7 +34,6 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -55,6 +54,7 @@ class StageConfig:
     prompts_per_step: int = 8  # prompts (GRPO groups) per batch, across processes (paper: 128)
     rollouts: int = 8  # completions per prompt (paper: 16)
     micro_batch: int = 32  # rollouts per forward/backward on each process
+    sample_batch: int = 0  # prompts per generate call on each process (0 = all at once); bounds the cache memory
     lr: float = 3e-6  # learning rate (paper: 3e-6)
     warmup_steps: int = 0  # linear warmup steps from 0
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (paper: 0.9, 0.95)
@@ -297,15 +297,9 @@ def run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_
     stage_dir = os.path.join(cfg.out_dir, stage.name)
     model = common.load_policy(start_from, d, cfg.bf16, cfg.activation_checkpointing)
     ref_model = common.load_policy(start_from, d, cfg.bf16, trainable=False) if stage.kl_coef > 0 else None
-    optimizer = common.make_optimizer(model, stage.lr, stage.betas, stage.weight_decay)
-    ckpt = common.Checkpointer(stage_dir, d, keep_last=cfg.keep_last)
-    start_step, latest = 0, ckpt.latest()
-    if latest:
-        start_step = ckpt.load(latest, model, optimizer)["step"]
-        if d.is_main:
-            print(f"rl[{stage.name}]: resuming from {latest} (step {start_step})")
-    log = common.MetricsLog(stage_dir, d, resume_step=start_step, wandb_project=cfg.wandb_project or None,
-                            run_config=dict(asdict(cfg), stage=asdict(stage)))
+    optimizer, ckpt, log, start_step = common.start_or_resume(
+        model, stage_dir, d, f"rl[{stage.name}]", stage.lr, stage.betas, stage.weight_decay, cfg.keep_last,
+        cfg.wandb_project, dict(asdict(cfg), stage=asdict(stage)))
     steps = min(stage.steps, cfg.max_steps) if cfg.max_steps else stage.steps
 
     # the stage's prompts, encoded once, with the named checks
@@ -314,18 +308,21 @@ def run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_
                                             f"stage {stage.name!r}: --train_data {cfg.train_data}")
     weights = stage.weights or [1.0] * len(stage.domains)
     if d.is_main:
+        sizes = ", ".join(f"{len(p)} {dom}" for p, dom in zip(pools, stage.domains))
         print(f"rl[{stage.name}]: {steps} steps of {stage.prompts_per_step} prompts x {stage.rollouts} rollouts on "
-              f"{dict(zip(stage.domains, weights))} ({', '.join(f'{len(p)} {dom}' for p, dom in zip(pools, stage.domains))} "
-              f"prompts), from {start_from}")
+              f"{dict(zip(stage.domains, weights))} ({sizes} prompts), from {start_from}")
 
     def rollout_round(step, rnd, count):
         draws = common.draw_prompts(pools, weights, count, cfg.seed, index, step, rnd)[d.rank::d.world_size]
         prompts = [prompt_ids[k][i] for k, i in draws]
         t0 = time.perf_counter()
-        with sample.sampling_weights(model):
-            outs = sample.generate(model, prompts, stage.max_new_tokens, temperature=stage.temperature,
-                                   top_p=stage.top_p, n=stage.rollouts, stop_token_ids=tokenizer.stop_token_ids,
-                                   seed=common.rollout_seed(cfg.seed, index, step, d.rank, rnd), raw_logprobs=True)
+        outs, per_call = [], stage.sample_batch or max(len(prompts), 1)
+        with sample.sampling_weights(model):                 # the weights are gathered once for all the calls
+            for c, start in enumerate(range(0, len(prompts), per_call)):
+                outs += sample.generate(model, prompts[start:start + per_call], stage.max_new_tokens,
+                                        temperature=stage.temperature, top_p=stage.top_p, n=stage.rollouts,
+                                        stop_token_ids=tokenizer.stop_token_ids, raw_logprobs=True,
+                                        seed=common.rollout_seed(cfg.seed, index, step, d.rank, rnd, c))
         t1 = time.perf_counter()
         examples = [pools[k][i] for k, i in draws for _ in range(stage.rollouts)]
         texts = [sample.response_text(tokenizer, c, stage.thinking) for c in outs]

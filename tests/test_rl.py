@@ -3,7 +3,6 @@ trainer log-probs, a toy task that RL learns, 1 vs 2 processes, kill/resume, cas
 import json
 import math
 import os
-import subprocess
 import sys
 import warnings
 
@@ -254,8 +253,8 @@ def run_rl(root, out, **kw):
 
 
 def stage_losses(out_dir, stage):
-    return [(r["step"], r["loss"], r["reward"]) for r in common.read_metrics(os.path.join(out_dir, stage, "metrics.jsonl"))
-            if "loss" in r]
+    rows = common.read_metrics(os.path.join(out_dir, stage, "metrics.jsonl"))
+    return [(r["step"], r["loss"], r["reward"]) for r in rows if "loss" in r]
 
 
 def test_cascade_json_rows_and_skip_on_rerun(toy_run_dir, capsys):
@@ -329,8 +328,12 @@ def test_two_processes_give_the_step_of_one(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     one = run_killing_group([sys.executable, str(script), str(tmp_path / "one.json")], env=env, cwd=ROOT)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_killing_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(tmp_path / "two.json")], env=env, cwd=ROOT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                str(tmp_path / "two.json")]
+    two = run_killing_group(torchrun, env=env, cwd=ROOT)
+    if two.returncode != 0 and "terminate called without an active exception" in two.stderr:
+        # a gloo worker has (rarely, on a loaded machine) aborted in its C++ teardown at exit: run it once more
+        two = run_killing_group(torchrun, env=env, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
