@@ -354,6 +354,11 @@ def _check_run_record(out_dir, stage, arch):
     elif has_results and os.path.exists(os.path.join(out_dir, "export", "config.json")):
         with open(os.path.join(out_dir, "export", "config.json")) as f:     # a run from before run.json existed
             previous = dict(stage=stage, model=json.load(f))
+    if previous is None and arch is not None:           # checkpoints from before run.json: compare their shapes
+        differ = _checkpoint_shape_mismatches(out_dir, arch)
+        if differ:
+            raise ConfigError(f"--out_dir={out_dir} holds checkpoints of another model ({'; '.join(differ[:3])}); "
+                              "resuming from them cannot work: choose another --out_dir")
     if previous is not None and has_results:
         if previous.get("stage") != stage:
             raise ConfigError(f"--out_dir={out_dir} holds a {previous.get('stage')} run's checkpoints; a {stage} "
@@ -368,6 +373,26 @@ def _check_run_record(out_dir, stage, arch):
     current = dict(stage=stage, model=arch if arch is not None else (previous or {}).get("model"))
     if current != previous:                  # rewritten only when it changes (a first run, a new out_dir)
         _write_atomic(record, json.dumps(current, indent=2))
+
+
+def _checkpoint_shape_mismatches(out_dir, arch):
+    """'name: shape there, shape now' for each model tensor of out_dir's newest checkpoint (its DCP metadata, no
+    tensor read) whose shape differs from the model `arch` (an HF config dict) builds on the meta device."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from model import Model, ModelConfig
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    steps = sorted(n for n in os.listdir(ckpt_dir) if re.fullmatch(r"step_\d+", n)) if os.path.isdir(ckpt_dir) else []
+    if not steps:
+        return []
+    try:
+        saved = FileSystemReader(os.path.join(ckpt_dir, steps[-1])).read_metadata().state_dict_metadata
+    except Exception:                       # unreadable metadata: the Checkpointer reports it when it loads
+        return []
+    with torch.device("meta"):
+        ours = {f"model.{k}": tuple(v.shape) for k, v in Model(ModelConfig.from_hf(arch)).state_dict().items()}
+    return [f"{k}: {tuple(m.size)} there, {ours[k]} now" for k, m in saved.items()
+            if k in ours and hasattr(m, "size") and tuple(m.size) != ours[k]]
 
 
 def load_eval_examples(source, option="--eval_data", per_domain=0, limit=None):

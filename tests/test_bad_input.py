@@ -83,7 +83,9 @@ def good(tmp_path_factory):
     common.release_out_dir(other_stage)
     (other_stage / "checkpoints").mkdir()
     step = sorted((run / "checkpoints").glob("step_*"))[-1]
-    return dict(d=d, run=run, export=export, broken=broken, step=step, other_stage=other_stage)
+    legacy = d / "legacy_run"                          # checkpoints from before run.json, and no export yet
+    shutil.copytree(run / "checkpoints", legacy / "checkpoints")
+    return dict(d=d, run=run, export=export, broken=broken, step=step, other_stage=other_stage, legacy=legacy)
 
 
 def argv(d, **kw):
@@ -134,6 +136,8 @@ SFT_CASES = [
     ("row_without_messages", dict(train_data="{d}/no_messages.jsonl"), ["no_messages.jsonl:6", "messages"]),
     ("out_dir_of_another_model", dict(model="{d}/other_model.json"), ["another model", "hidden_size"]),
     ("out_dir_of_another_stage", dict(out_dir="{other_stage}"), ["rl run", "own --out_dir"]),
+    ("out_dir_of_another_model_no_run_json", dict(out_dir="{legacy}", model="{d}/other_model.json"),
+     ["another model", "embeddings.weight: (2048, 32) there, (2048, 48) now"]),
 ]
 
 
@@ -160,6 +164,13 @@ def test_sft_bad_input(good, case, opts, words, monkeypatch, capsys):
         assert w in message, f"{case}: {w!r} not in:\n{message}"
     assert "AssertionError" not in message and seconds < 5, (case, seconds)
     assert snapshot(good["run"]) == before
+
+
+def test_same_model_may_resume_checkpoints_from_before_run_json(good):
+    from model import ModelConfig
+    common.claim_out_dir(good["legacy"], "sft", ModelConfig.from_json(good["d"] / "model.json"))
+    common.release_out_dir(good["legacy"])
+    assert json.loads((good["legacy"] / "run.json").read_text())["model"]["hidden_size"] == 32
 
 
 def test_seq_len_too_short_names_seq_len_before_the_model(good, monkeypatch):
