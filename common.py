@@ -144,7 +144,8 @@ def parse_config(cls, argv=None, description=None):
 #     def validate(self):
 #         return common.check_fields(self, group_size=common.at_least(1), prompt_data=common.data_source)
 # A rule takes the value and returns None (fine) or why it is wrong. Every problem is reported at once, one line
-# each, naming the option; no model is loaded and no data is read beyond a config.json.
+# each, naming the option; no model is loaded and nothing is read beyond config.json files and safetensors
+# headers.
 
 
 class ConfigError(ValueError):
@@ -187,10 +188,10 @@ def looks_local(name: str) -> bool:
 
 
 def data_source(name):
-    """A local file or dataset directory that exists, or an HF hub name."""
+    """A local file or dataset directory that exists, an HF hub name, or "tiny" (see tasks.load_examples)."""
     if not name:
         return "must name a JSONL/parquet file, a dataset directory or an HF hub name (owner/name)"
-    if os.path.exists(name) or not looks_local(name):
+    if name == "tiny" or os.path.exists(name) or not looks_local(name):     # "tiny": the shipped data
         return None
     return "no such file or directory (a local path, so it is not looked up on the HF hub)"
 
