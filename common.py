@@ -77,8 +77,10 @@ def _convert(value, typ, key):
     raise TypeError(f"config field {key}: unsupported type {typ}")
 
 
-def config_from_dict(cls, values: dict, source="config"):
-    """Apply a dict of overrides to cls's defaults; unknown keys and wrong types raise ValueError naming them."""
+def config_from_dict(cls, values: dict, source="config", check=True):
+    """Apply a dict of overrides to cls's defaults; unknown keys and wrong types raise ValueError naming them,
+    then check_config checks the whole config (check=False: names and types only, for a partial preset whose
+    merge with the command line is checked later)."""
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in fields(cls)]
     unknown = [k for k in values if k not in valid]
