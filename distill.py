@@ -12,7 +12,7 @@ tokens (DESIGN.md section 7, Eq. 2-4 of the paper):
 
 No outcome reward, no group baseline, no KL to a reference: the verifiers are used only for evaluation.
 
-    python distill.py --cascade out/rl/cascade.json --out_dir out/mopd          # the tiny default
+    python distill.py --cascade out/rl/cascade.json --out_dir out/mopd          # the tiny default (CPU)
     torchrun --nproc_per_node=8 distill.py --config configs/mopd_nano_30b.json --cascade out/rl/cascade.json
     python distill.py --help                                                    # every option with its default
 
@@ -46,20 +46,21 @@ class MOPDConfig:
     train_data: str = "data/rl.jsonl"  # prompts (any source tasks.load_examples reads; paper: the MOPD release)
     eval_data: str = "data/eval.jsonl"  # held-out examples scored per domain (greedy pass@1)
     eval_per_domain: int = 30  # held-out examples per domain (0 = all)
-    eval_max_new_tokens: int = 96  # generation budget of the held-out evaluation
+    eval_max_new_tokens: int = 80  # generation budget of the held-out evaluation
     eval_batch_size: int = 64  # held-out prompts per generate call
     eval_every: int = 0  # held-out evaluation every N steps (0 = only at the end)
-    # a step (paper: 128 prompts x 4 rollouts, lr 2e-6 with a 30-step linear warmup from 2e-7, ~40-50 steps)
-    steps: int = 50  # optimizer steps, one per batch
+    # defaults for the tiny CPU run; configs/mopd_nano_30b.json has the paper's (128 prompts x 4 rollouts, lr 2e-6
+    # with a 30-step linear warmup from 2e-7, about 40-50 steps)
+    steps: int = 20  # optimizer steps, one per batch
     prompts_per_step: int = 8  # prompts per batch, across processes
     rollouts: int = 4  # student completions per prompt
     micro_batch: int = 32  # rollouts per forward/backward on each process
-    lr: float = 2e-6  # peak learning rate
-    warmup_steps: int = 30  # linear warmup steps, from a tenth of the peak (early gradient norms are large)
+    lr: float = 1e-4  # peak learning rate (paper: 2e-6)
+    warmup_steps: int = 5  # linear warmup steps, from a tenth of the peak: early gradient norms are large (paper: 30)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    max_new_tokens: int = 128  # student rollout token budget
+    max_new_tokens: int = 80  # student rollout token budget
     temperature: float = 1.0  # student sampling temperature
     top_p: float = 1.0  # student nucleus mass (the sampler's log-probs include it: r_t stays exact)
     thinking: bool = True  # render prompts in thinking mode
@@ -70,7 +71,7 @@ class MOPDConfig:
     device: str = "auto"  # auto, cpu or cuda
     bf16: bool = False  # bf16 compute with fp32 master weights and reductions (FSDP, GPU)
     activation_checkpointing: bool = False  # recompute each layer in backward to save memory
-    save_every: int = 10  # checkpoint every N steps (0 = only at the end)
+    save_every: int = 5  # checkpoint every N steps (0 = only at the end)
     keep_last: int = 2  # checkpoints kept
     export_dtype: str = ""  # dtype of the HF export: bfloat16, float32 or empty = as trained
     wandb_project: str = ""  # also log to Weights & Biases when set and wandb is installed

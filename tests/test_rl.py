@@ -138,9 +138,10 @@ def test_gradient_is_reinforce_for_any_micro_batching(rollouts):
         logp = model(ids)[0, len(p) - 1:].log_softmax(-1)
         (-(a / n_tokens) * logp.gather(-1, torch.tensor(c.tokens)[:, None]).sum()).backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for micro in (1, 4, 6):
+    for micro, kl in ((1, 0.0), (4, 0.0), (6, 0.0), (4, 0.5)):
+        # (the k3 KL to a reference equal to the policy is 0 with a zero gradient: the same gradient again)
         model.zero_grad(set_to_none=True)
-        rl.train_step(model, prompts, outs, adv, micro, 0.0, D1)
+        rl.train_step(model, prompts, outs, adv, micro, 0.0, D1, ref_model=model if kl else None, kl_coef=kl)
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, reference[n], atol=1e-6, rtol=1e-4, msg=f"{n}, micro_batch {micro}")
     model.zero_grad(set_to_none=True)
