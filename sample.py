@@ -690,8 +690,8 @@ def main(argv=None):
     try:
         config = ModelConfig.from_path(args.ckpt)
         safetensors_shards(args.ckpt, check=True)
-        if args.tokenizer and (why := common.tokenizer_source(args.tokenizer)):
-            raise ValueError(f"--tokenizer {args.tokenizer}: {why}")
+        if why := common.tokenizer_source(args.tokenizer or args.ckpt):      # the checkpoint's own by default
+            raise ValueError(f"--tokenizer {args.tokenizer or args.ckpt}: {why}")
         examples = common.load_eval_examples(args.eval, "--eval", limit=args.limit) if args.eval else None
         if args.eval and args.out and (why := common.writable_file(args.out)):
             raise ValueError(f"--out {args.out}: {why}")

@@ -83,9 +83,13 @@ def good(tmp_path_factory):
     common.release_out_dir(other_stage)
     (other_stage / "checkpoints").mkdir()
     step = sorted((run / "checkpoints").glob("step_*"))[-1]
+    no_tokenizer = d / "no_tokenizer"                  # an export whose tokenizer.json went missing
+    shutil.copytree(export, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
     legacy = d / "legacy_run"                          # checkpoints from before run.json, and no export yet
     shutil.copytree(run / "checkpoints", legacy / "checkpoints")
-    return dict(d=d, run=run, export=export, broken=broken, step=step, other_stage=other_stage, legacy=legacy)
+    return dict(d=d, run=run, export=export, broken=broken, step=step, other_stage=other_stage, legacy=legacy,
+                no_tokenizer=no_tokenizer)
 
 
 def argv(d, **kw):
@@ -242,6 +246,7 @@ SAMPLE_CASES = [
     ("out_not_writable", ["--eval", "{d}/eval.jsonl", "--out", "{d}/a_file/scores.json"], ["--out", "a_file"]),
     ("out_is_a_directory", ["--eval", "{d}/eval.jsonl", "--out", "{d}"], ["--out", "is a directory"]),
     ("tokenizer_missing", ["--tokenizer", "{d}/tok.json"], ["--tokenizer", "tok.json"]),
+    ("ckpt_without_tokenizer", ["--ckpt", "{no_tokenizer}"], ["no tokenizer.json in directory {no_tokenizer}"]),
 ]
 
 
