@@ -331,7 +331,7 @@ def segsum(a):
     return seg.masked_fill(~causal, float("-inf"))
 
 
-def ssd_scan(x, dt, A, B, C, chunk_size, initial_state=None, reset=None):
+def ssd_scan(x, dt, A, B, C, chunk_size, initial_state=None, reset=None, group_tokens=4096):
     """
     The Mamba-2 selective scan in its chunked (SSD) form. All fp32.
         S_t = exp(dt_t * A) * S_{t-1} + dt_t * outer(x_t, B_t)      state [p, n] per head
@@ -339,7 +339,10 @@ def ssd_scan(x, dt, A, B, C, chunk_size, initial_state=None, reset=None):
     x [b, T, h, p]; dt [b, T, h] (after softplus); A [h] (negative); B, C [b, T, g, n], head i uses group
     i // (h/g); reset [b, T] bool: the state is zeroed before step t (packed document starts).
     Within a chunk the recurrence is a masked decay matrix (attention-like); between chunks a short loop
-    carries the chunk states. Returns (y [b, T, h, p], final state [b, h, p, n]).
+    carries the chunk states. The outputs are computed group_tokens at a time, so without autograd only one
+    group's [l, l] decay matrices (per head: the bulk of the memory) exist at once; under autograd the mixer
+    bounds what is kept by running the scan over segments it recomputes (Mamba2Mixer.segment_tokens).
+    Returns (y [b, T, h, p], final state [b, h, p, n]).
     """
     b, T, h, p = x.shape
     g, n = B.shape[-2:]
@@ -355,30 +358,36 @@ def ssd_scan(x, dt, A, B, C, chunk_size, initial_state=None, reset=None):
     xdt = xdt.reshape(b, c, l, g, r, p)
     B, C = B.reshape(b, c, l, g, n), C.reshape(b, c, l, g, n)
     a = a.reshape(b, c, l, g, r).permute(0, 1, 3, 4, 2)             # [b, c, g, r, l]
-    a_cum = a.cumsum(-1)                                            # decay from chunk start to step l
 
-    # 1. within each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) dt_s x_s
-    decay = torch.exp(segsum(a))                                    # [b, c, g, r, l, s]
-    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)
-    y = torch.einsum("bcgrls,bcsgrp->bclgrp", CB.unsqueeze(3) * decay, xdt)
-
-    # 2. each chunk's own contribution to the state at its end: decay from step l to the chunk end
+    # 1. each chunk's own contribution to the state at its end: decay from step l to the chunk end
     a_after = F.pad(a.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))   # a_{l+1} + ... + a_last (shift, no diff)
-    chunk_states = torch.einsum("bclgn,bcgrl,bclgrp->bcgrpn", B, torch.exp(a_after), xdt)
+    xdt_end = xdt * torch.exp(a_after).permute(0, 1, 4, 2, 3).unsqueeze(-1)     # [b, c, l, g, r, p]
+    chunk_states = torch.einsum("bclgn,bclgrp->bcgrpn", B, xdt_end)
 
-    # 3. carry states across chunks: S_c = exp(sum of chunk c's log decays) * S_{c-1} + chunk_states_c
+    # 2. carry states across chunks: S_c = exp(sum of chunk c's log decays) * S_{c-1} + chunk_states_c
     state = x.new_zeros(b, g, r, p, n) if initial_state is None else initial_state.reshape(b, g, r, p, n).float()
-    chunk_decay = torch.exp(a_cum[..., -1])                         # [b, c, g, r]
+    chunk_decay = torch.exp(a.sum(-1))                              # [b, c, g, r]
     start_states = []
     for ci in range(c):
         start_states.append(state)
         state = state * chunk_decay[:, ci, ..., None, None] + chunk_states[:, ci]
     start_states = torch.stack(start_states, dim=1)                  # [b, c, g, r, p, n]
 
-    # 4. the carried-in state seen from inside each chunk
-    y = y + torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", C, start_states, torch.exp(a_cum))
+    # 3. outputs, a group of chunks at a time (without autograd, only one group's [l, l] matrices exist at once)
+    per = max(1, group_tokens // l)
+    y = torch.cat([_chunk_outputs(xdt[:, s:s + per], a[:, s:s + per], B[:, s:s + per], C[:, s:s + per],
+                                  start_states[:, s:s + per]) for s in range(0, c, per)], dim=1)
     y = y.reshape(b, c * l, h, p)[:, :T]
     return y, state.reshape(b, h, p, n)
+
+
+def _chunk_outputs(xdt, a, B, C, start_states):
+    """y of a group of chunks: within each chunk y_l = sum_{s <= l} (C_l . B_s) exp(a_{s+1} + ... + a_l) dt_s x_s,
+    plus the carried-in state seen from inside the chunk, C_l . S_start exp(a_1 + ... + a_l)."""
+    decay = torch.exp(segsum(a))                                    # [b, c, g, r, l, s]
+    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)
+    y = torch.einsum("bcgrls,bcsgrp->bclgrp", CB.unsqueeze(3) * decay, xdt)
+    return y + torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", C, start_states, torch.exp(a.cumsum(-1)))
 
 
 def ssm_step(state, x, dt, A, B, C):
@@ -414,16 +423,42 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedGroupRMSNorm(self.d_inner, self.n_groups, cfg.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.use_bias)
 
+    # Under autograd, sequences longer than this run the conv + scan + gated norm segment by segment (the conv
+    # tail and the SSM state carried across), each segment recomputed in backward: what a Mamba layer keeps per
+    # token is its in_proj output and its norm output, whatever T, and the [l, l] decay matrices and the fp32
+    # copies exist for one segment at a time.
+    segment_tokens = 4096
+
     def forward(self, u, valid=None, doc=None, cache=None):
         """u [B, T, H]; valid [B, T] bool (False = padding); doc: dict with reset [B, T] and same_doc [B, T, K]."""
-        bsz, T, _ = u.shape
-        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        T = u.shape[1]
+        zxbcdt = self.in_proj(u)
+        if cache is None and T > self.segment_tokens and torch.is_grad_enabled():
+            ys, past, state, G = [], None, None, self.segment_tokens
+            for s in range(0, T, G):
+                seg = (None if valid is None else valid[:, s:s + G],
+                       None if doc is None else {k: t[:, s:s + G] for k, t in doc.items()})
+                y, past, state = checkpoint(self.mix, zxbcdt[:, s:s + G], *seg, past, state, use_reentrant=False)
+                ys.append(y)
+                past = past.clone()         # a view of the whole segment's conv input: keep only the K-1 rows
+            return self.out_proj(torch.cat(ys, dim=1))
+        y, conv_past, ssm_state = self.mix(zxbcdt, valid, doc, cache["conv"] if cache else None,
+                                           cache["ssm"] if cache else None, step=cache is not None and T == 1)
+        if cache is not None:       # in place: the cache's tensors are fixed buffers (a CUDA graph replays them)
+            cache["conv"].copy_(conv_past)
+            cache["ssm"].copy_(ssm_state)                             # (a no-op after ssm_step: the same tensor)
+        return self.out_proj(y)
+
+    def mix(self, zxbcdt, valid, doc, conv_past=None, ssm_state=None, step=False):
+        """in_proj output -> gated, normed SSM output [B, T, d_inner] in the input's dtype, continuing from
+        conv_past [B, K-1, conv_dim] and ssm_state [B, h, p, n] (None = a sequence start); returns (y, conv_past,
+        ssm_state) after the last token. step: one token, ssm_state updated in place."""
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         if valid is not None:           # padding must not leak into the state: zero inputs, no decay
             xBC = xBC * valid.unsqueeze(-1).to(xBC.dtype)
         conv_w, conv_b = self.conv1d.weight.squeeze(1), self.conv1d.bias     # fp32 under FSDP bf16: compute
         conv_b = conv_b.to(xBC.dtype) if conv_b is not None else None        # in the activations' dtype
-        xBC, conv_past = causal_conv1d(xBC, conv_w.to(xBC.dtype), conv_b,
-                                       past=cache["conv"] if cache else None,
+        xBC, conv_past = causal_conv1d(xBC, conv_w.to(xBC.dtype), conv_b, past=conv_past,
                                        same_doc=doc["same_doc"] if doc else None)
         xBC = F.silu(xBC)
         x, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
@@ -438,19 +473,15 @@ class Mamba2Mixer(nn.Module):
             dt = dt * valid.unsqueeze(-1)
         A = -torch.exp(self.A_log.float())
 
-        if cache is not None and T == 1:
-            y, ssm_state = ssm_step(cache["ssm"], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+        if step:
+            y, ssm_state = ssm_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
             y = y.unsqueeze(1)
         else:
-            y, ssm_state = ssd_scan(x, dt, A, B, C, self.cfg.chunk_size,
-                                    initial_state=cache["ssm"] if cache else None,
+            y, ssm_state = ssd_scan(x, dt, A, B, C, self.cfg.chunk_size, initial_state=ssm_state,
                                     reset=doc["reset"] if doc else None)
-        if cache is not None:       # in place: the cache's tensors are fixed buffers (a CUDA graph replays them)
-            cache["conv"].copy_(conv_past)
-            cache["ssm"].copy_(ssm_state)                             # (a no-op after ssm_step: the same tensor)
         y = y + x * self.D.float()[:, None]
         y = self.norm(y.flatten(-2), z)                               # gate before the norm
-        return self.out_proj(y.to(u.dtype))
+        return y.to(zxbcdt.dtype), conv_past, ssm_state
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -310,3 +310,70 @@ def test_segment_attention_peak_memory_at_16k_is_a_fraction_of_the_dense_mask():
     print(got)
     assert got["dense"]["grown"] > 256 * 2**20                # the [1, 1, T, T] bool mask alone is 256 MiB
     assert got["segments"]["grown"] < got["dense"]["grown"] / 8
+
+
+# -- Mamba: memory per token bounded -----------------------------------------------------------------------------
+
+
+def _mixer_inputs(cfg, T, seed=0):
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(2, T, cfg.hidden_size, generator=g, requires_grad=True)
+    doc_ids = torch.cumsum(torch.rand(2, T, generator=g) < 0.05, dim=1)            # documents across segments
+    K = cfg.conv_kernel
+    prev = F.pad(doc_ids, (K - 1, 0), value=-1).unfold(1, K, 1)
+    doc = dict(reset=F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0), value=True),
+               same_doc=prev == doc_ids.unsqueeze(-1))
+    valid = torch.ones(2, T, dtype=torch.bool)
+    valid[1, :7] = False                                                              # left padding
+    return u, valid, doc
+
+
+def test_segmented_mamba_equals_the_whole_sequence_values_and_gradients():
+    from model import Mamba2Mixer
+    from tests.test_model import randomize
+    cfg = small_config()
+    mixer = randomize(Model(cfg)).backbone.layers[0].mixer
+    assert isinstance(mixer, Mamba2Mixer)
+    u, valid, doc = _mixer_inputs(cfg, 61)
+    results = []
+    for segment_tokens in (10**9, 12, 5):                    # whole; segments across chunks (8) and documents
+        mixer.segment_tokens = segment_tokens
+        out = mixer(u, valid=valid, doc=doc)
+        grads = torch.autograd.grad(out.square().sum(), [u] + list(mixer.parameters()))
+        results.append((out, grads))
+    for out, grads in results[1:]:
+        torch.testing.assert_close(out, results[0][0], atol=1e-5, rtol=1e-5)
+        for g, r in zip(grads, results[0][1]):
+            torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+def _saved_bytes_per_token(mixer, T):
+    """Bytes autograd keeps for backward after one forward, per token (distinct storages, parameters excluded)."""
+    u, valid, doc = _mixer_inputs(mixer.cfg, T)
+    params = {p.untyped_storage().data_ptr() for p in mixer.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mixer(u, valid=valid, doc=doc)
+    return sum(seen.values()) / u.shape[0] / T
+
+
+def test_mamba_memory_per_token_is_bounded():
+    from model import ModelConfig
+    cfg = ModelConfig(vocab_size=64, hidden_size=256, hybrid_override_pattern="M", mamba_num_heads=16,
+                      mamba_head_dim=32, n_groups=2, ssm_state_size=64, chunk_size=64)
+    mixer = Model(cfg).backbone.layers[0].mixer
+    mixer.segment_tokens = 256
+    short, long = _saved_bytes_per_token(mixer, 512), _saved_bytes_per_token(mixer, 2048)
+    # kept per token: the in_proj output, the gated norm's output (out_proj's input) and u, in fp32; plus one
+    # carried [h, p, n] state per segment
+    bound = 4 * (mixer.in_proj.out_features + mixer.d_inner + cfg.hidden_size) + \
+        4 * 3 * mixer.n_heads * mixer.head_dim * mixer.d_state / mixer.segment_tokens
+    assert short <= 1.1 * bound and long <= 1.1 * bound, (short, long, bound)
+    mixer.segment_tokens = 10**9                            # unsegmented: the decay matrices and fp32 copies stay
+    assert _saved_bytes_per_token(mixer, 512) > 3 * bound
