@@ -3,6 +3,7 @@ The in-process sampler: batched generation with the model's KV + SSM caches, gro
 CLI to chat with, prompt or evaluate a checkpoint.
 
     generate(model, prompts, max_new_tokens, ...)   token ids in, list[Completion] out (what RL and MOPD call)
+    with sampling_weights(model): ...               FSDP2: gather the shards once for a whole rollout phase
     evaluate(model, tokenizer, examples, ...)       chat-template prompts -> responses -> per-domain scores
 
 How one generate() call runs:
@@ -11,9 +12,12 @@ How one generate() call runs:
    logits.
 2. Group sampling: with n > 1, each prompt's cache row is copied n times (cache.select), so the n completions of a
    prompt share one prefill, as GRPO's groups need.
-3. Decode: one token per step for every live row, through the KV cache (attention layers) and the conv + SSM state
-   (Mamba layers). A row that samples a stop token is finished, and the batch is compacted (cache.select drops
-   the row), so finished rows cost nothing from the next step on.
+3. Decode: one token per step for every row, through the KV cache (attention layers) and the conv + SSM state
+   (Mamba layers), in fixed batch slots (_decode_slots): a finished-mask marks rows that sampled a stop token,
+   the host reads it once every check_every steps (no other host sync in a step), and the batch is compacted
+   only when at most half its rows are live. With static shapes every step is the same kernels on the same
+   shapes, so on CUDA each step can be replayed from a captured graph. The plain loop that compacts at every
+   stop (_decode_reference, generate(reference=True)) is the reference the tests hold it to.
 
 The logprobs: `Completion.logprobs[t]` is log pi_sampler(y_t), the log-probability of the sampled token under the
 distribution it was actually drawn from: logits / temperature, then top-k, then top-p, renormalised. That is the
