@@ -1148,6 +1148,100 @@ def _swap_dir(src, dst):
         os.replace(src, dst)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Memory model: bytes per GPU for training (FSDP2) and sampling, from the config. Parameter, gradient and optimizer
+# bytes are counted; activation bytes per token are measured, not guessed: one block of each layer kind at the
+# real widths runs a short forward on CPU and every tensor autograd saves for backward is counted
+# (saved_tensors_hooks), in the compute dtype. Routed experts only change the weights (and E router scores per
+# token), so the MoE block is traced with k and 2k experts and extrapolated to E.
+
+
+def saved_bytes_per_token(config: ModelConfig, kind, dtype=torch.bfloat16, tokens=None, segment=False):
+    """Bytes autograd keeps per token for one block of `kind` (M, *, E, -). segment: a Mamba block's one-segment
+    working set (what its recompute holds at once), instead of what it keeps across segments."""
+    import dataclasses
+    l = config.chunk_size
+    if kind == "E" and config.n_routed_experts > 2 * config.num_experts_per_tok:
+        k = config.num_experts_per_tok
+        small = [saved_bytes_per_token(dataclasses.replace(config, n_routed_experts=e), kind, dtype, tokens)
+                 for e in (k, 2 * k)]
+        return small[0] + (small[1] - small[0]) * (config.n_routed_experts - k) / k
+    cfg = dataclasses.replace(config, hybrid_override_pattern=kind, vocab_size=8, moe_impl="torch")
+    torch.manual_seed(0)
+    block = Model(cfg).set_dtype(dtype).backbone.layers[0]
+    T = tokens or 4 * l
+    if kind == "M" and not segment:
+        block.mixer.segment_tokens = T // 4                 # segmented, as under autograd at T > segment_tokens
+    h = torch.randn(1, T, cfg.hidden_size, dtype=dtype, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params | {h.untyped_storage().data_ptr()}:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if kind == "M" and segment:         # one segment: the mixer's inner function, unsegmented
+            x = block.norm(h)
+            block.mixer.out_proj(block.mixer.mix(block.mixer.in_proj(x), None, None)[0])
+        else:
+            block(h)
+    return sum(seen.values()) / T
+
+
+def memory_model(config: ModelConfig, seq_len, gpus, micro_batch=1, bf16=True, activation_checkpointing=True,
+                 sample_rows=64, sample_len=None):
+    """
+    Bytes per GPU. Training, FSDP2 over `gpus` (fp32 master weights, bf16 compute when bf16):
+      params / grads / adam: 4 / 4 / 8 bytes per parameter, sharded;  gathered: the root (embeddings, lm_head)
+      stays gathered through the step, plus two layers (current and prefetched) in the compute dtype;
+      activations: with activation checkpointing each layer keeps its input (H per token) and one layer at a
+      time its saved tensors (plus as much again for their gradients in backward); without, every layer keeps
+      its saved tensors (plus the largest layer's again in backward); a Mamba layer's recompute also holds one
+      segment's working set. Checked against measured CPU peaks in tests/test_scale.py (within 20%);
+      logprobs: the final hidden state and its gradient, and one chunk's fp32 logits (about 3 copies in backward).
+    Sampling: the whole model gathered in the compute dtype, and per row the KV cache (attention layers) and
+    SSM + conv state (Mamba layers) at sample_len positions.
+    """
+    a = 2 if bf16 else 4
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    with torch.device("meta"):
+        model = Model(config)
+    P = sum(p.numel() for p in model.parameters())
+    root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone.layers."))
+    layer = max(sum(p.numel() for p in blk.parameters()) for blk in model.backbone.layers)
+    T, H, V = micro_batch * seq_len, config.hidden_size, config.vocab_size
+    kinds = sorted(set(config.hybrid_override_pattern))
+    per_token = {k: saved_bytes_per_token(config, k, dtype) for k in kinds}
+    seg = Mamba2Mixer.segment_tokens
+    if "M" in kinds and T > seg:                    # a Mamba recompute holds one segment's working set at once
+        mamba_segment = saved_bytes_per_token(config, "M", dtype, tokens=4 * config.chunk_size, segment=True) * seg
+    else:
+        mamba_segment = 0
+        if "M" in kinds:
+            per_token["M"] = saved_bytes_per_token(config, "M", dtype, segment=True)
+    L = config.num_hidden_layers
+    if activation_checkpointing:
+        activations = T * (L * a * H + 2 * max(per_token.values())) + mamba_segment
+    else:
+        activations = T * (sum(per_token[c] for c in config.hybrid_override_pattern) + max(per_token.values())) \
+            + mamba_segment
+    chunk = max(64, 2**24 // V)
+    logprobs = T * H * a * 2 + 3 * chunk * V * 4
+    train = dict(params=4 * P / gpus, grads=4 * P / gpus, adam=8 * P / gpus, gathered=a * (root + 2 * layer),
+                 activations=activations, logprobs=logprobs)
+    train["total"] = sum(train.values())
+    S = sample_len or seq_len
+    n_attn, n_mamba = config.hybrid_override_pattern.count("*"), config.hybrid_override_pattern.count("M")
+    conv_dim = config.mamba_num_heads * config.mamba_head_dim + 2 * config.n_groups * config.ssm_state_size
+    kv_row = n_attn * 2 * config.num_key_value_heads * config.head_dim * a * S
+    ssm_row = n_mamba * (config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * 4
+                         + (config.conv_kernel - 1) * conv_dim * a)
+    sample = dict(params=a * P, cache_per_row=kv_row + ssm_row, rows=sample_rows)
+    sample["total"] = sample["params"] + sample_rows * sample["cache_per_row"]
+    return dict(params=P, per_token=per_token, train=train, sample=sample)
+
+
 if __name__ == "__main__":
     # Inspect a config: parameter counts (on the meta device, so even the 30B config costs nothing), and for
     # small models one timed forward pass.
@@ -1157,7 +1251,14 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("config", nargs="?", default="configs/tiny_model.json", help="HF-style config.json")
     ap.add_argument("--batch", type=int, default=4, help="batch size of the test forward pass")
-    ap.add_argument("--seq-len", type=int, default=256, help="sequence length of the test forward pass")
+    ap.add_argument("--seq-len", "--seq_len", type=int, default=256, help="sequence length of the test forward "
+                    "pass; with --memory, tokens per row")
+    ap.add_argument("--memory", action="store_true", help="print the memory model (bytes per GPU) and exit")
+    ap.add_argument("--gpus", type=int, default=8, help="with --memory: GPUs the model is sharded over")
+    ap.add_argument("--micro-batch", "--micro_batch", type=int, default=1, help="with --memory: rows per forward")
+    ap.add_argument("--sample-rows", "--sample_rows", type=int, default=64, help="with --memory: rows sampled at once")
+    ap.add_argument("--sample-len", "--sample_len", type=int, default=0, help="with --memory: positions per sampled "
+                    "row (0 = seq_len)")
     ap.add_argument("--max-params", type=float, default=1e9, help="skip the forward pass above this many parameters")
     args = ap.parse_args()
     config = ModelConfig.from_json(args.config)
@@ -1165,6 +1266,22 @@ if __name__ == "__main__":
         counts = Model(config).num_params()
     print(f"{args.config}: pattern {config.hybrid_override_pattern} ({config.num_hidden_layers} layers)")
     print("parameters: " + ", ".join(f"{k} {v / 1e6:,.2f}M" for k, v in counts.items()))
+    if args.memory:
+        GB = 1e9
+        print(f"memory per GPU, {args.gpus} GPUs, {args.micro_batch} x {args.seq_len} tokens per forward, bf16 "
+              f"compute, fp32 master weights (GB = 1e9 bytes)")
+        for ac in (True, False):
+            m = memory_model(config, args.seq_len, args.gpus, args.micro_batch, activation_checkpointing=ac,
+                             sample_rows=args.sample_rows, sample_len=args.sample_len or None)
+            print(f"  train, activation checkpointing {'on ' if ac else 'off'}: " +
+                  ", ".join(f"{k} {v / GB:.1f}" for k, v in m["train"].items()))
+        print("  activation bytes kept per token, by layer kind: " +
+              ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in m["per_token"].items()))
+        smp = m["sample"]
+        print(f"  sampling: params gathered {smp['params'] / GB:.1f}, KV + SSM cache per row "
+              f"{smp['cache_per_row'] / GB:.3f} at {args.sample_len or args.seq_len} positions, "
+              f"{smp['rows']} rows: total {smp['total'] / GB:.1f}")
+        raise SystemExit
     if counts["total"] <= args.max_params:
         torch.manual_seed(0)
         model = Model(config).eval()

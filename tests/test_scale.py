@@ -377,3 +377,53 @@ def test_mamba_memory_per_token_is_bounded():
     assert short <= 1.1 * bound and long <= 1.1 * bound, (short, long, bound)
     mixer.segment_tokens = 10**9                            # unsegmented: the decay matrices and fp32 copies stay
     assert _saved_bytes_per_token(mixer, 512) > 3 * bound
+
+
+# -- the memory model against measured peaks ---------------------------------------------------------------------
+
+
+MEMORY_SCRIPT = """
+import json, resource, sys, torch
+torch.set_num_threads(1)
+from model import Model, ModelConfig, memory_model
+ac, T = sys.argv[1] == "1", int(sys.argv[2])
+cfg = ModelConfig(vocab_size=4096, hidden_size=256, hybrid_override_pattern="MEM*EMEM*E", num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=32, mamba_num_heads=16, mamba_head_dim=32, n_groups=2,
+                  ssm_state_size=64, chunk_size=64, n_routed_experts=16, num_experts_per_tok=4,
+                  moe_intermediate_size=256, moe_shared_expert_intermediate_size=512, moe_impl="torch")
+train = memory_model(cfg, T, 1, bf16=False, activation_checkpointing=ac)["train"]
+torch.manual_seed(0)
+model = Model(cfg).train()
+model.gradient_checkpointing = ac
+ids, doc = torch.randint(0, 4096, (1, T)), (torch.arange(T) // 700)[None]
+model.token_logprobs(ids[:, :128], ids[:, :128], doc_ids=doc[:, :128]).sum().backward()   # lazy allocations
+model.zero_grad(set_to_none=True)
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak()
+model.token_logprobs(ids, ids, doc_ids=doc).sum().backward()
+print(json.dumps(dict(measured=peak() - before, predicted=train["grads"] + train["activations"] + train["logprobs"])))
+"""
+
+
+@pytest.mark.parametrize("activation_checkpointing,T", [(False, 4096), (True, 8192)])
+def test_memory_model_within_20_percent_of_measured_peak(activation_checkpointing, T):
+    """One process, fp32: what a training step adds to the peak (gradients, activations, log-prob chunks) against
+    the memory model's figure for the same config and tokens. The 8192 case runs the Mamba layers in segments."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(int(activation_checkpointing)), str(T)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0.8 < got["predicted"] / got["measured"] < 1.2, got
+
+
+def test_memory_cli_prints_train_and_sample_bytes():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "model.py", "configs/tiny_model.json", "--memory", "--seq_len", "1024",
+                          "--gpus", "2"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "activation checkpointing on" in out.stdout and "sampling: params gathered" in out.stdout
