@@ -113,8 +113,8 @@ def _file_rows(path: Path):
 def _hub_rows(name: str, config, split: str):
     import datasets
     dataset = datasets.load_dataset(name, config, split=split)
-    for i, row in enumerate(dataset):  # Arrow-backed like parquet: struct keys of other rows come back as nulls
-        yield f"{name}{'[' + config + ']' if config else ''}/{split} index {i}", _without_nulls(row)
+    for i, row in enumerate(dataset):
+        yield f"{name}{'[' + config + ']' if config else ''}/{split} index {i}", row
 
 
 def example_from_row(row, where: str = "<row>", hint=None):
