@@ -87,8 +87,7 @@ def config_from_dict(cls, values: dict, source="config", check=True):
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {unknown}; valid options are: {', '.join(valid)}")
     cfg = cls(**{k: _convert(v, hints[k], k) for k, v in values.items()})
-    check_config(cfg)
-    return cfg
+    return check_config(cfg) if check else cfg
 
 
 def parse_config(cls, argv=None, description=None):
@@ -335,6 +334,8 @@ def claim_out_dir(out_dir, stage, model_config=None):
             os.close(fd)
             raise ConfigError(f"--out_dir={out_dir} is in use by {holder}; wait for that run to end or choose "
                               "another --out_dir") from None
+        except OSError as e:                 # a filesystem without flock (some NFS / Lustre mounts)
+            print(f"warning: cannot lock --out_dir={out_dir} ({e}): a second run into it would not be stopped")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)})".encode(), 0)
         _held_out_dirs[key] = fd
