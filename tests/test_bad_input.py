@@ -228,6 +228,9 @@ def test_a_stage_adds_its_own_checks_in_one_line():
         common.check_config(StageConfig())
     assert "2 problem(s)" in str(e.value) and "--lr=-1.0: must be > 0" in str(e.value)
     assert "--group_size=0: must be >= 1" in str(e.value)
+    assert common.config_from_dict(StageConfig, {"lr": -2.0}, check=False).lr == -2.0   # a partial preset
+    with pytest.raises(common.ConfigError, match="--lr=-2.0"):
+        common.config_from_dict(StageConfig, {"lr": -2.0, "group_size": 1})
 
 
 # sample.py: (id, argv after --ckpt, words); the checkpoint is the good run's export unless the argv names one
