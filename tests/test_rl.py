@@ -361,3 +361,12 @@ def test_named_errors(toy_run_dir, tmp_path):
     (tmp_path / "p.json").write_text(json.dumps(dict(stages=[dict(STAGES[0], rollouts="many")])))
     with pytest.raises(SystemExit, match=r"p.json: stages\[0\]"):
         rl.parse_args(rl_args(root, "err", config=tmp_path / "p.json"))
+    with pytest.raises(SystemExit, match=r"--set 'c.lr=1': expected STAGE.OPTION=VALUE with STAGE one of \['a', 'b'\]"):
+        rl.parse_args(rl_args(root, "err", set="c.lr=1"))
+    with pytest.raises(SystemExit, match=r"--set 'a.rollouts=x'.*expected int"):
+        rl.parse_args(rl_args(root, "err", set="a.rollouts=x"))
+
+
+def test_stage_overrides_from_the_command_line(toy_run_dir):
+    _, stages, _ = rl.parse_args(rl_args(toy_run_dir, "x", set="a.lr=0.5,*.steps=7,b.thinking=true"))
+    assert [(s.lr, s.steps, s.thinking) for s in stages] == [(0.5, 7, False), (1e-2, 7, True)]
