@@ -363,6 +363,42 @@ def test_fast_decode_reads_the_device_once_every_check_every_steps():
     assert syncs(17, reference=True) - syncs(9, reference=True) >= 8
 
 
+def test_static_shape_decode_steps_are_identical_kernel_sequences(model):
+    """What CUDA-graph replay needs (no GPU here to capture one): with a static-shape cache, every decode step
+    calls the same aten ops on tensors of the same shapes, with no host sync among them; the device position
+    moves on by itself. Without static shapes, the attended length grows each step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sample import _last_logits
+
+    class Trace(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            shapes = [tuple(a.shape) for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)]
+            self.ops.append((str(func), tuple(shapes)))
+            return func(*args, **(kwargs or {}))
+
+    def step_traces(static_shapes):
+        cache = model.new_cache(3, 12, static_shapes=static_shapes)
+        tokens = torch.tensor([4, 5, 6])
+        traces = []
+        with torch.inference_mode():
+            _last_logits(model, torch.tensor([[1, 2], [3, 4], [5, 6]]), cache=cache)
+            for _ in range(3):
+                with Trace() as trace:
+                    trace.ops = []
+                    tokens = _last_logits(model, tokens[:, None], cache=cache).argmax(-1)
+                traces.append(trace.ops)
+        return traces, cache
+
+    traces, cache = step_traces(static_shapes=True)
+    assert traces[0] == traces[1] == traces[2]
+    assert not [op for op, _ in traces[0] if "local_scalar_dense" in op or "nonzero" in op or ".item" in op]
+    assert cache.pos_t.item() == cache.pos == 5 and cache.valid[:, :5].all() and not cache.valid[:, 5:].any()
+    traces, _ = step_traces(static_shapes=False)
+    assert traces[0] != traces[1]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling from the model that trains: FSDP2 (gloo, 1 and 2 processes, fp32 and bf16 mixed precision)
 
