@@ -1160,6 +1160,17 @@ def saved_bytes_per_token(config: ModelConfig, kind, dtype=torch.bfloat16, token
     """Bytes autograd keeps per token for one block of `kind` (M, *, E, -). segment: a Mamba block's one-segment
     working set (what its recompute holds at once), instead of what it keeps across segments."""
     import dataclasses
+    key = (repr(config), kind, dtype, tokens, segment)
+    if key not in _traced:
+        _traced[key] = _saved_bytes_per_token(config, kind, dtype, tokens, segment)
+    return _traced[key]
+
+
+_traced = {}        # saved_bytes_per_token's results: a trace at real width takes seconds
+
+
+def _saved_bytes_per_token(config, kind, dtype, tokens, segment):
+    import dataclasses
     l = config.chunk_size
     if kind == "E" and config.n_routed_experts > 2 * config.num_experts_per_tok:
         k = config.num_experts_per_tok
