@@ -67,7 +67,7 @@ def check(example: dict, where: str):
                     raise ExampleError(where, f"{at}.arguments", f"a string that is not JSON ({e})") from None
             if not isinstance(arguments, dict):
                 raise ExampleError(where, f"{at}.arguments", f"expected an object, got {arguments!r:.80}")
-            known = (schemas[call["name"]].get("properties") or {})
+            known = schemas[call["name"]].get("properties") or {}
             unknown = [k for k in arguments if k not in known]
             if unknown:
                 raise ExampleError(where, f"{at}.arguments", f"{unknown} are not parameters of {call['name']}")
