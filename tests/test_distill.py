@@ -12,7 +12,7 @@ import common
 import distill
 import sample
 from model import Model
-from tests.test_rl import D1, one_thread, random_model, toy_export  # noqa: F401 (one_thread: autouse fixture)
+from tests.test_rl import D1, one_thread, random_model, run_torchrun, toy_export  # noqa: F401 (one_thread: autouse)
 from tests.test_sft import run_killing_group
 from tokenizer import train_bpe
 
@@ -163,3 +163,15 @@ def test_refuses_a_teacher_with_another_vocabulary(cascade_dir):
         distill.main(common.parse_config(distill.MOPDConfig, mopd_args(root, teachers=f"mcqa={other}")))
     with pytest.raises(ValueError, match="neither a row of"):
         distill.main(common.parse_config(distill.MOPDConfig, mopd_args(root, teachers="mcqa=nope")))
+
+
+def test_two_processes_distill(cascade_dir):
+    """Under FSDP2 with 2 processes: the student samples through sampling_weights, sharded teachers score each
+    process's rows (equal forward counts per teacher), and the mopd row is written."""
+    root = cascade_dir
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = run_torchrun([os.path.join(ROOT, "distill.py")] + mopd_args(root, "two", steps=2), env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = json.loads((root / "cascade.json").read_text())["rows"][-1]
+    assert row["name"] == "mopd" and row["teachers"] == {"if": "sft", "mcqa": "a"}
+    assert len(common.read_metrics(root / "two" / "metrics.jsonl")) >= 2
