@@ -827,7 +827,7 @@ def load_policy(path, d: Dist, bf16=False, activation_checkpointing=False, train
     """
     from model import Model
     if not os.path.isfile(os.path.join(str(path), "config.json")):
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (an HF export with config.json + safetensors)")
+        raise ConfigError(f"{path}: not a checkpoint directory (an HF export with config.json + safetensors)")
     with torch.device("meta"):
         model = Model(Model.config_from_pretrained(path))
     model = shard_model(model, d, bf16=bf16, activation_checkpointing=activation_checkpointing)
@@ -843,13 +843,13 @@ def check_tokenizer(tokenizer, model_config, where):
     tokenizer without the chat template's special tokens as single ids (the shipped data is rendered with them)."""
     from tokenizer import IM_END, IM_START, THINK_CLOSE, THINK_OPEN
     if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+        raise ConfigError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model_config.vocab_size}: not this checkpoint's tokenizer")
     for token in (IM_START, IM_END, THINK_OPEN, THINK_CLOSE):
         try:
             tokenizer.token_id(token)
         except KeyError:
-            raise ValueError(f"{where}: the tokenizer has no single token {token!r}, which the chat template "
+            raise ConfigError(f"{where}: the tokenizer has no single token {token!r}, which the chat template "
                              f"the data is rendered with needs") from None
 
 
@@ -899,12 +899,12 @@ def prompt_pools(examples, domains, tokenizer, thinking, max_new_tokens, context
     for dom in domains:
         pool = [ex for ex in examples if ex["domain"] == dom]
         if not pool:
-            raise ValueError(f"{source} has no prompts of domain {dom!r}")
+            raise ConfigError(f"{source} has no prompts of domain {dom!r}")
         ids = [encode_prompt(tokenizer, tasks.prompt_messages(ex), tools=ex.get("tools"), thinking=thinking)
                for ex in pool]
         for i, p in enumerate(ids):
             if len(p) + max_new_tokens > context:
-                raise ValueError(f"{source}: prompt {i} of domain {dom!r} has {len(p)} tokens; with max_new_tokens "
+                raise ConfigError(f"{source}: prompt {i} of domain {dom!r} has {len(p)} tokens; with max_new_tokens "
                                  f"{max_new_tokens} it exceeds the model's context of {context}")
         pools.append(pool)
         prompt_ids.append(ids)
@@ -937,22 +937,6 @@ def completion_logprobs(model, ids, targets, device):
     """log pi(target) [B, T] (0 where target < 0), through model(..., targets=...) so FSDP's hooks fire, in
     vocab-sized chunks (never [B*T, V] fp32 logits). Differentiable unless called under no_grad."""
     return model(ids.to(device), targets=targets.to(device))
-
-
-def held_out_examples(path, per_domain=0):
-    """The held-out examples of a file, the first per_domain of each domain (0 = all)."""
-    import collections
-
-    import tasks
-    examples = tasks.load_examples(path, verbose=False)
-    if per_domain:
-        taken, kept = collections.Counter(), []
-        for ex in examples:
-            taken[ex["domain"]] += 1
-            if taken[ex["domain"]] <= per_domain:
-                kept.append(ex)
-        examples = kept
-    return examples
 
 
 def evaluate_domains(model, tokenizer, examples, d: Dist, max_new_tokens, thinking=True, batch_size=64):
@@ -988,13 +972,13 @@ def read_cascade(path):
         try:
             cascade = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(cascade, dict) or not isinstance(cascade.get("rows"), list):
-        raise ValueError(f"{path}: expected {{\"domains\": [...], \"rows\": [...]}}")
+        raise ConfigError(f"{path}: expected {{\"domains\": [...], \"rows\": [...]}}")
     for i, row in enumerate(cascade["rows"]):
         missing = [k for k in ("name", "checkpoint", "scores") if k not in row]
         if missing:
-            raise ValueError(f"{path}: rows[{i}] lacks {missing}")
+            raise ConfigError(f"{path}: rows[{i}] lacks {missing}")
     return cascade
 
 

@@ -89,20 +89,20 @@ def pick_teachers(cascade, domains, overrides, source):
     for dom in domains:
         rows = [r for r in cascade["rows"] if dom in r["scores"]]
         if not rows:
-            raise ValueError(f"{source}: no checkpoint has a score on domain {dom!r}")
+            raise common.ConfigError(f"{source}: no checkpoint has a score on domain {dom!r}")
         best = max(reversed(rows), key=lambda r: r["scores"][dom])         # max keeps the first of ties
         chosen[dom] = (best["name"], best["checkpoint"], best["scores"][dom])
     for item in overrides:
         dom, sep, who = item.partition("=")
         if not sep or dom not in chosen:
-            raise ValueError(f"--teachers {item!r}: expected DOMAIN=ROW_OR_DIR with DOMAIN one of {sorted(chosen)}")
+            raise common.ConfigError(f"--teachers {item!r}: expected DOMAIN=ROW_OR_DIR with DOMAIN one of {sorted(chosen)}")
         row = common.cascade_row(cascade, who)
         if row is not None:
             chosen[dom] = (row["name"], row["checkpoint"], row["scores"].get(dom))
         elif os.path.isfile(os.path.join(who, "config.json")):
             chosen[dom] = (who, who, None)
         else:
-            raise ValueError(f"--teachers {item!r}: {who!r} is neither a row of {source} "
+            raise common.ConfigError(f"--teachers {item!r}: {who!r} is neither a row of {source} "
                              f"({', '.join(r['name'] for r in cascade['rows'])}) nor an export directory")
     return chosen
 
@@ -119,7 +119,7 @@ def load_teachers(chosen, student_tokenizer, student_dir, d, cfg):
         if path in models:
             continue
         if not same_vocabulary(load_tokenizer(path), student_tokenizer):
-            raise ValueError(f"teacher {name!r} for {dom} ({path}) has another vocabulary than the student "
+            raise common.ConfigError(f"teacher {name!r} for {dom} ({path}) has another vocabulary than the student "
                              f"({student_dir}): its log-probs would score other tokens")
         models[path] = common.load_policy(path, d, cfg.bf16, trainable=False)
     return models
@@ -161,7 +161,7 @@ def main(cfg: MOPDConfig):
     d = common.init_dist(cfg.device)
     cascade = common.read_cascade(cfg.cascade)
     if not cascade["rows"]:
-        raise FileNotFoundError(f"--cascade {cfg.cascade}: no such file or no rows; run rl.py first")
+        raise common.ConfigError(f"--cascade {cfg.cascade}: no such file or no rows; run rl.py first")
     if common.cascade_row(cascade, "mopd") is not None and \
             os.path.isfile(os.path.join(cfg.out_dir, "export", "config.json")):
         if d.is_main:
@@ -176,13 +176,13 @@ def main(cfg: MOPDConfig):
     domains = list(cfg.domains) or [dom for dom in cascade["domains"] if dom in have]
     unknown = [dom for dom in domains if dom not in cascade["domains"]]
     if unknown or not domains:
-        raise ValueError(f"--domains: {unknown or '(none)'} not scored in {cfg.cascade} "
+        raise common.ConfigError(f"--domains: {unknown or '(none)'} not scored in {cfg.cascade} "
                          f"(scored: {cascade['domains']})")
     weights = list(cfg.weights) or [1.0] * len(domains)
     if len(weights) != len(domains) or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"--weights {cfg.weights}: one non-negative weight per domain {domains}, not all zero")
+        raise common.ConfigError(f"--weights {cfg.weights}: one non-negative weight per domain {domains}, not all zero")
     if cfg.prompts_per_step % d.world_size:
-        raise ValueError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world_size} "
+        raise common.ConfigError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world_size} "
                          "processes")
     chosen = pick_teachers(cascade, domains, cfg.teachers, cfg.cascade)
     if d.is_main:
@@ -192,10 +192,11 @@ def main(cfg: MOPDConfig):
     teachers = load_teachers(chosen, tokenizer, student_dir, d, cfg)
     teacher_of = {dom: teachers[path] for dom, (_, path, _) in chosen.items()}
 
+    common.claim_out_dir(cfg.out_dir, "mopd", Model.config_from_pretrained(student_dir))   # one run at a time
     model = common.load_policy(student_dir, d, cfg.bf16, cfg.activation_checkpointing)
     pools, prompt_ids = common.prompt_pools(train_examples, domains, tokenizer, cfg.thinking, cfg.max_new_tokens,
                                             model.config.max_position_embeddings, f"--train_data {cfg.train_data}")
-    eval_examples = common.held_out_examples(cfg.eval_data, cfg.eval_per_domain)
+    eval_examples = common.load_eval_examples(cfg.eval_data, per_domain=cfg.eval_per_domain)
     optimizer, ckpt, log, start_step = common.start_or_resume(
         model, cfg.out_dir, d, "mopd", cfg.lr, cfg.betas, cfg.weight_decay, cfg.keep_last, cfg.wandb_project,
         asdict(cfg))
@@ -269,6 +270,7 @@ def main(cfg: MOPDConfig):
                             [f"reverse_kl_{dom}" for dom in domains] + ["weight_cut_frac", "grad_norm",
                                                                         "response_len"])
         print(f"mopd: held-out pass@1 {fmt(scores)}; exported {export_dir}")
+    common.release_out_dir(cfg.out_dir)
     common.close_dist()
     return common.read_cascade(cfg.cascade)
 
@@ -337,4 +339,4 @@ def fmt(scores):
 
 
 if __name__ == "__main__":
-    main(common.parse_config(MOPDConfig, description=__doc__))
+    common.run_main(main, common.parse_config(MOPDConfig, description=__doc__))

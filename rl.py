@@ -133,7 +133,7 @@ def parse_args(argv=None):
         for i, s in enumerate(stages_raw):
             where = f"{path}: stages[{i}]"
             if not isinstance(s, dict):
-                raise ValueError("expected an object of stage options")
+                raise common.ConfigError("expected an object of stage options")
             stages.append(common.config_from_dict(StageConfig, s, source=where))
     except (ValueError, TypeError) as e:
         sys.exit(f"rl.py: {e}" if str(e).startswith(where) else f"rl.py: {where}: {e}")
@@ -167,34 +167,34 @@ def apply_overrides(stages, overrides):
 def check_stages(stages, cfg, d, source="preset"):
     """Named errors for a bad stage list, before anything is loaded."""
     if not stages:
-        raise ValueError(f"{source}: no stages")
+        raise common.ConfigError(f"{source}: no stages")
     names = [s.name for s in stages]
     for i, s in enumerate(stages):
         where = f"{source}: stage {i} ({s.name!r})"
         if not re.fullmatch(r"[\w.-]+", s.name) or s.name in (cfg.init_name, "mopd"):
-            raise ValueError(f"{where}: name must be a plain directory name other than {cfg.init_name!r}/'mopd'")
+            raise common.ConfigError(f"{where}: name must be a plain directory name other than {cfg.init_name!r}/'mopd'")
         if names.count(s.name) > 1:
-            raise ValueError(f"{where}: the name appears twice")
+            raise common.ConfigError(f"{where}: the name appears twice")
         unknown = [dom for dom in s.domains if dom not in tasks.GRADED_DOMAINS]
         if unknown or not s.domains:
-            raise ValueError(f"{where}: unknown domain(s) {unknown or '(none given)'}; "
+            raise common.ConfigError(f"{where}: unknown domain(s) {unknown or '(none given)'}; "
                              f"domains with a verifier: {', '.join(tasks.GRADED_DOMAINS)}")
         if s.weights and (len(s.weights) != len(s.domains) or min(s.weights) < 0 or sum(s.weights) <= 0):
-            raise ValueError(f"{where}: weights {s.weights} must be one non-negative number per domain "
+            raise common.ConfigError(f"{where}: weights {s.weights} must be one non-negative number per domain "
                              f"{s.domains}, not all zero")
         if s.rollouts < 2:
-            raise ValueError(f"{where}: rollouts must be >= 2 (a group of one has no baseline)")
+            raise common.ConfigError(f"{where}: rollouts must be >= 2 (a group of one has no baseline)")
         if s.prompts_per_step < 1 or s.prompts_per_step % d.world_size:
-            raise ValueError(f"{where}: prompts_per_step {s.prompts_per_step} must be a positive multiple of "
+            raise common.ConfigError(f"{where}: prompts_per_step {s.prompts_per_step} must be a positive multiple of "
                              f"the {d.world_size} processes")
         if s.temperature <= 0 or not 0 < s.top_p <= 1:
-            raise ValueError(f"{where}: rollouts need temperature > 0 and top_p in (0, 1]")
+            raise common.ConfigError(f"{where}: rollouts need temperature > 0 and top_p in (0, 1]")
         if s.steps < 1 or s.micro_batch < 1 or s.max_new_tokens < 1:
-            raise ValueError(f"{where}: steps, micro_batch and max_new_tokens must be >= 1")
+            raise common.ConfigError(f"{where}: steps, micro_batch and max_new_tokens must be >= 1")
     cfg.only = tuple(n for n in cfg.only if n)
     missing = [n for n in cfg.only if n not in names]
     if missing:
-        raise ValueError(f"--only: no stage named {missing} in {source} (stages: {names})")
+        raise common.ConfigError(f"--only: no stage named {missing} in {source} (stages: {names})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,6 +316,7 @@ def fill_batch(rollout_round, prompts_per_step, dynamic_filtering, max_fill_roun
 
 def run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_examples):
     stage_dir = os.path.join(cfg.out_dir, stage.name)
+    common.claim_out_dir(stage_dir, "rl", Model.config_from_pretrained(start_from))     # one run at a time
     model = common.load_policy(start_from, d, cfg.bf16, cfg.activation_checkpointing)
     ref_model = common.load_policy(start_from, d, cfg.bf16, trainable=False) if stage.kl_coef > 0 else None
     optimizer, ckpt, log, start_step = common.start_or_resume(
@@ -417,6 +418,7 @@ def run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_
                ["zero_var_frac", "response_len", "truncated_frac", "entropy", "logprob_diff_mean", "grad_norm",
                 "time_sample", "time_score", "time_train"]
         common.plot_metrics(log.path, os.path.join(stage_dir, "curves.png"), keys)
+    common.release_out_dir(stage_dir)
     return export_dir, scores
 
 
@@ -461,12 +463,12 @@ def main(cfg: RLConfig, stages: list, source="preset"):
     os.makedirs(cfg.out_dir, exist_ok=True)
     cascade_path = os.path.join(cfg.out_dir, "cascade.json")
     if not os.path.isfile(os.path.join(cfg.init, "config.json")):
-        raise FileNotFoundError(f"--init {cfg.init}: not an HF export directory (config.json + safetensors); "
+        raise common.ConfigError(f"--init {cfg.init}: not an HF export directory (config.json + safetensors); "
                                 "run sft.py first")
     tokenizer = load_tokenizer(cfg.init)
     common.check_tokenizer(tokenizer, Model.config_from_pretrained(cfg.init), f"--init {cfg.init}")
     train_examples = tasks.load_examples(cfg.train_data, verbose=d.is_main)
-    eval_examples = common.held_out_examples(cfg.eval_data, cfg.eval_per_domain)
+    eval_examples = common.load_eval_examples(cfg.eval_data, per_domain=cfg.eval_per_domain)
 
     # the starting checkpoint's row: the scores every stage is compared with
     if common.cascade_row(common.read_cascade(cascade_path), cfg.init_name) is None:
@@ -490,7 +492,7 @@ def main(cfg: RLConfig, stages: list, source="preset"):
             start_from = export_dir
             continue
         if cfg.only and stage.name not in cfg.only:
-            raise ValueError(f"--only {','.join(cfg.only)}: stage {stage.name!r} comes first and is not finished")
+            raise common.ConfigError(f"--only {','.join(cfg.only)}: stage {stage.name!r} comes first and is not finished")
         t0 = time.perf_counter()
         export_dir, scores = run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_examples)
         common.write_cascade_row(cascade_path, dict(name=stage.name, checkpoint=os.path.abspath(export_dir),
@@ -510,4 +512,4 @@ def fmt(scores):
 
 
 if __name__ == "__main__":
-    main(*parse_args())
+    common.run_main(lambda args: main(*args), parse_args())

@@ -342,17 +342,17 @@ def test_named_errors(toy_run_dir, tmp_path):
     bad = lambda **stage: (tmp_path / "p.json").write_text(json.dumps(dict(stages=[dict(STAGES[0], **stage)])))
     bad(domains=["if", "poetry"])
     with pytest.raises(ValueError, match=r"stage 0 \('a'\): unknown domain\(s\) \['poetry'\]"):
-        run_rl(root, "err", config=tmp_path / "p.json")
+        run_rl(root, "err1", config=tmp_path / "p.json")
     bad(domains=["code"])
     with pytest.raises(ValueError, match="has no prompts of domain 'code'"):
-        run_rl(root, "err", config=tmp_path / "p.json")
+        run_rl(root, "err2", config=tmp_path / "p.json")
     bad(max_new_tokens=300)                              # the toy model's context is 262144; make a small one
     small = toy_export(tmp_path / "short", {4: 0.0}, max_position_embeddings=64)
     with pytest.raises(ValueError, match="prompt 0 of domain 'if' has .* exceeds the model's context of 64"):
-        run_rl(root, "err", config=tmp_path / "p.json", init=small)
+        run_rl(root, "err3", config=tmp_path / "p.json", init=small)
     big = toy_export(tmp_path / "big", {4: 0.0}, vocab_size=1024)       # the shipped tokenizer has 2048 ids
     with pytest.raises(ValueError, match="tokenizer has 2048 tokens but the model's vocab_size is 1024"):
-        run_rl(root, "err", init=big)
+        run_rl(root, "err4", init=big)
     (tmp_path / "p.json").write_text(json.dumps(dict(stages=[dict(STAGES[0], rollouts="many")])))
     with pytest.raises(SystemExit, match=r"p.json: stages\[0\]"):
         rl.parse_args(rl_args(root, "err", config=tmp_path / "p.json"))
