@@ -95,7 +95,8 @@ def pick_teachers(cascade, domains, overrides, source):
     for item in overrides:
         dom, sep, who = item.partition("=")
         if not sep or dom not in chosen:
-            raise common.ConfigError(f"--teachers {item!r}: expected DOMAIN=ROW_OR_DIR with DOMAIN one of {sorted(chosen)}")
+            raise common.ConfigError(f"--teachers {item!r}: expected DOMAIN=ROW_OR_DIR with DOMAIN one of "
+                                     f"{sorted(chosen)}")
         row = common.cascade_row(cascade, who)
         if row is not None:
             chosen[dom] = (row["name"], row["checkpoint"], row["scores"].get(dom))
@@ -103,7 +104,7 @@ def pick_teachers(cascade, domains, overrides, source):
             chosen[dom] = (who, who, None)
         else:
             raise common.ConfigError(f"--teachers {item!r}: {who!r} is neither a row of {source} "
-                             f"({', '.join(r['name'] for r in cascade['rows'])}) nor an export directory")
+                                     f"({', '.join(r['name'] for r in cascade['rows'])}) nor an export directory")
     return chosen
 
 
@@ -120,7 +121,7 @@ def load_teachers(chosen, student_tokenizer, student_dir, d, cfg):
             continue
         if not same_vocabulary(load_tokenizer(path), student_tokenizer):
             raise common.ConfigError(f"teacher {name!r} for {dom} ({path}) has another vocabulary than the student "
-                             f"({student_dir}): its log-probs would score other tokens")
+                                     f"({student_dir}): its log-probs would score other tokens")
         models[path] = common.load_policy(path, d, cfg.bf16, trainable=False)
     return models
 
@@ -177,13 +178,13 @@ def main(cfg: MOPDConfig):
     unknown = [dom for dom in domains if dom not in cascade["domains"]]
     if unknown or not domains:
         raise common.ConfigError(f"--domains: {unknown or '(none)'} not scored in {cfg.cascade} "
-                         f"(scored: {cascade['domains']})")
+                                 f"(scored: {cascade['domains']})")
     weights = list(cfg.weights) or [1.0] * len(domains)
     if len(weights) != len(domains) or min(weights) < 0 or sum(weights) <= 0:
         raise common.ConfigError(f"--weights {cfg.weights}: one non-negative weight per domain {domains}, not all zero")
     if cfg.prompts_per_step % d.world_size:
         raise common.ConfigError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world_size} "
-                         "processes")
+                                 "processes")
     chosen = pick_teachers(cascade, domains, cfg.teachers, cfg.cascade)
     if d.is_main:
         for dom, (name, path, score) in chosen.items():

@@ -172,21 +172,22 @@ def check_stages(stages, cfg, d, source="preset"):
     for i, s in enumerate(stages):
         where = f"{source}: stage {i} ({s.name!r})"
         if not re.fullmatch(r"[\w.-]+", s.name) or s.name in (cfg.init_name, "mopd"):
-            raise common.ConfigError(f"{where}: name must be a plain directory name other than {cfg.init_name!r}/'mopd'")
+            raise common.ConfigError(f"{where}: name must be a plain directory name other than "
+                                     f"{cfg.init_name!r} and 'mopd'")
         if names.count(s.name) > 1:
             raise common.ConfigError(f"{where}: the name appears twice")
         unknown = [dom for dom in s.domains if dom not in tasks.GRADED_DOMAINS]
         if unknown or not s.domains:
             raise common.ConfigError(f"{where}: unknown domain(s) {unknown or '(none given)'}; "
-                             f"domains with a verifier: {', '.join(tasks.GRADED_DOMAINS)}")
+                                     f"domains with a verifier: {', '.join(tasks.GRADED_DOMAINS)}")
         if s.weights and (len(s.weights) != len(s.domains) or min(s.weights) < 0 or sum(s.weights) <= 0):
             raise common.ConfigError(f"{where}: weights {s.weights} must be one non-negative number per domain "
-                             f"{s.domains}, not all zero")
+                                     f"{s.domains}, not all zero")
         if s.rollouts < 2:
             raise common.ConfigError(f"{where}: rollouts must be >= 2 (a group of one has no baseline)")
         if s.prompts_per_step < 1 or s.prompts_per_step % d.world_size:
             raise common.ConfigError(f"{where}: prompts_per_step {s.prompts_per_step} must be a positive multiple of "
-                             f"the {d.world_size} processes")
+                                     f"the {d.world_size} processes")
         if s.temperature <= 0 or not 0 < s.top_p <= 1:
             raise common.ConfigError(f"{where}: rollouts need temperature > 0 and top_p in (0, 1]")
         if s.steps < 1 or s.micro_batch < 1 or s.max_new_tokens < 1:
@@ -464,7 +465,7 @@ def main(cfg: RLConfig, stages: list, source="preset"):
     cascade_path = os.path.join(cfg.out_dir, "cascade.json")
     if not os.path.isfile(os.path.join(cfg.init, "config.json")):
         raise common.ConfigError(f"--init {cfg.init}: not an HF export directory (config.json + safetensors); "
-                                "run sft.py first")
+                                 "run sft.py first")
     tokenizer = load_tokenizer(cfg.init)
     common.check_tokenizer(tokenizer, Model.config_from_pretrained(cfg.init), f"--init {cfg.init}")
     train_examples = tasks.load_examples(cfg.train_data, verbose=d.is_main)
@@ -492,7 +493,8 @@ def main(cfg: RLConfig, stages: list, source="preset"):
             start_from = export_dir
             continue
         if cfg.only and stage.name not in cfg.only:
-            raise common.ConfigError(f"--only {','.join(cfg.only)}: stage {stage.name!r} comes first and is not finished")
+            raise common.ConfigError(f"--only {','.join(cfg.only)}: stage {stage.name!r} comes first and is not "
+                                     "finished")
         t0 = time.perf_counter()
         export_dir, scores = run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_examples)
         common.write_cascade_row(cascade_path, dict(name=stage.name, checkpoint=os.path.abspath(export_dir),
