@@ -1,10 +1,69 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: sets up .venv if needed, then supervised fine-tuning of the tiny NemotronH
-# model on the shipped tasks (CPU, a few minutes) and its per-domain held-out scores. Run it again and it resumes
-# from the latest checkpoint in out/sft. Extra arguments go to sft.py (see python sft.py --help).
-# (Cascade RL and MOPD join this pipeline as rl.py and distill.py land.)
+# The whole Nemotron-Cascade 2 pipeline on the embedded default (tiny model, tiny shipped tasks; CPU, or the GPU
+# when there is one):
+#
+#   SFT (sft.py) -> Cascade RL (rl.py: IF-RL -> multi-domain RL -> code RL) -> MOPD (distill.py) -> scoreboard
+#
+# Sets up .venv if needed, then runs each stage into OUT (default out/): out/sft, out/rl/<stage>, out/mopd, and
+# at the end out/scoreboard.md, out/scoreboard.json and out/curves.png. Run it again with the same OUT and it
+# skips finished stages and resumes an interrupted one from its latest checkpoint.
+#
+#   ./run.sh                                  # everything, seed 0, into out/
+#   ./run.sh --seed 1 --out out/seed1         # another seed, another directory
+#   ./run.sh --sft.lr=1e-3 --rl.eval_per_domain=50 --mopd.steps=40    # options for one stage
+#   ./run.sh --help                           # this text; `python sft.py --help` (rl.py, distill.py) per stage
+#
+# Options: --out DIR and --seed N go to every stage; --sft.X=V, --rl.X=V and --mopd.X=V become --X=V of sft.py,
+# rl.py and distill.py. A changed stage option takes effect for a stage that has not finished yet: to redo a
+# finished stage, delete its directory (out/sft, out/rl/<stage>, out/mopd).
 set -euo pipefail
 cd "$(dirname "$0")"
+
+out=out seed=0
+sft_args=() rl_args=() mopd_args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        --out) out="$2"; shift ;;
+        --out=*) out="${1#*=}" ;;
+        --seed) seed="$2"; shift ;;
+        --seed=*) seed="${1#*=}" ;;
+        --sft.*) sft_args+=("--${1#--sft.}") ;;
+        --rl.*) rl_args+=("--${1#--rl.}") ;;
+        --mopd.*) mopd_args+=("--${1#--mopd.}") ;;
+        *) echo "run.sh: unknown argument '$1' (expected --out, --seed, --sft.X=V, --rl.X=V or --mopd.X=V; see --help)" >&2
+           exit 2 ;;
+    esac
+    shift
+done
+case "$seed" in ''|*[!0-9]*) echo "run.sh: --seed must be a non-negative integer, got '$seed'" >&2; exit 2 ;; esac
+
 ./setup.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-.venv/bin/python sft.py "$@"
+py=.venv/bin/python
+stamp() { date +%s; }
+t_start=$(stamp)
+
+# 1. SFT from scratch on data/sft.jsonl. Its held-out score is taken by rl.py (the "sft" row of cascade.json),
+#    with the same settings as every later row, so sft.py's own final evaluation is skipped here.
+if [ -f "$out/sft/export/config.json" ]; then
+    echo "run.sh: $out/sft/export exists: SFT is done, skipping it"
+else
+    $py sft.py --out_dir="$out/sft" --seed="$seed" --eval_data= "${sft_args[@]+"${sft_args[@]}"}"
+fi
+t_sft=$(stamp)
+
+# 2. Cascade RL: the stages of configs/rl_tiny.json in order, each from the previous one's export; rl.py skips
+#    finished stages and resumes an interrupted one; every checkpoint's held-out scores go to cascade.json.
+$py rl.py --init="$out/sft/export" --out_dir="$out/rl" --seed="$seed" "${rl_args[@]+"${rl_args[@]}"}"
+t_rl=$(stamp)
+
+# 3. MOPD: the best checkpoint per domain (from cascade.json) teaches the last RL checkpoint; adds the "mopd" row.
+$py distill.py --cascade="$out/rl/cascade.json" --out_dir="$out/mopd" --seed="$seed" \
+    "${mopd_args[@]+"${mopd_args[@]}"}"
+t_mopd=$(stamp)
+
+# 4. The scoreboard: table, claims, curves.
+$py scoreboard.py "$out"
+echo "run.sh: wall time sft $((t_sft - t_start)) s, rl $((t_rl - t_sft)) s, mopd $((t_mopd - t_rl)) s," \
+     "total $(($(stamp) - t_start)) s"
