@@ -3,6 +3,7 @@
 Where an attack only fails because of the sandbox (secrets in the environment, the network, files outside the
 temp dir), a control runs the same program without the sandbox and shows it would have scored 1."""
 
+import dataclasses
 import glob
 import os
 import socket
@@ -99,8 +100,10 @@ def test_crashing_after_printing_scores_0(clean_machine):
 
 
 def test_infinite_loop_is_stopped_by_the_cpu_limit(clean_machine):
-    result = tasks.run_program("while True: pass", "", LIMITS)
-    assert result.status == "signal" and result.wall_s < LIMITS.wall_s + 1
+    # a wall clock with room to spare: on a loaded machine (other jobs on both cores) the loop gets a small share
+    # of a core, and it is the CPU limit that must stop it
+    result = tasks.run_program("while True: pass", "", dataclasses.replace(LIMITS, wall_s=30.0))
+    assert result.status == "signal" and result.wall_s < 30.0
     assert graded("while True: pass", budget=LIMITS.wall_s + 1.5) == 0.0
 
 
