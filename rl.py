@@ -315,7 +315,7 @@ def fill_batch(rollout_round, prompts_per_step, dynamic_filtering, max_fill_roun
 # One stage
 
 
-def run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_examples):
+def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, train_examples, eval_examples):
     stage_dir = os.path.join(cfg.out_dir, stage.name)
     common.claim_out_dir(stage_dir, "rl", Model.config_from_pretrained(start_from))     # one run at a time
     model = common.load_policy(start_from, d, cfg.bf16, cfg.activation_checkpointing)
@@ -324,6 +324,9 @@ def run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_
         model, stage_dir, d, f"rl[{stage.name}]", stage.lr, stage.betas, stage.weight_decay, cfg.keep_last,
         cfg.wandb_project, dict(asdict(cfg), stage=asdict(stage)))
     steps = min(stage.steps, cfg.max_steps) if cfg.max_steps else stage.steps
+    logged = common.read_metrics(log.path) if d.is_main and os.path.exists(log.path) else []
+    if start_step == 0 and d.is_main and not any(r["step"] == 0 for r in logged):
+        log.log(0, **{f"eval_{dom}": s for dom, s in start_scores.items()})     # the start: the previous row
 
     # the stage's prompts, encoded once, with the named checks
     pools, prompt_ids = common.prompt_pools(train_examples, stage.domains, tokenizer, stage.thinking,
@@ -496,7 +499,10 @@ def main(cfg: RLConfig, stages: list, source="preset"):
             raise common.ConfigError(f"--only {','.join(cfg.only)}: stage {stage.name!r} comes first and is not "
                                      "finished")
         t0 = time.perf_counter()
-        export_dir, scores = run_stage(cfg, stage, index, start_from, d, tokenizer, train_examples, eval_examples)
+        start_scores = next(r["scores"] for r in common.read_cascade(cascade_path)["rows"]
+                            if r["checkpoint"] == os.path.abspath(start_from))
+        export_dir, scores = run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, train_examples,
+                                       eval_examples)
         common.write_cascade_row(cascade_path, dict(name=stage.name, checkpoint=os.path.abspath(export_dir),
                                                     trained=list(stage.domains), scores=scores,
                                                     seconds=round(time.perf_counter() - t0, 1)), d)

@@ -273,7 +273,8 @@ def test_cascade_json_rows_and_skip_on_rerun(toy_run_dir, capsys):
     a = stage_losses(root / "full", "a")
     assert len(a) == 3 and any(loss != 0 for _, loss, _ in a)          # there was signal, and it trained
     assert os.path.isfile(root / "full" / "a" / "curves.png")
-    metrics = common.read_metrics(root / "full" / "b" / "metrics.jsonl")[0]
+    first, metrics = common.read_metrics(root / "full" / "b" / "metrics.jsonl")[:2]
+    assert first["step"] == 0 and first["eval_if"] == cascade["rows"][1]["scores"]["if"]   # the stage's start
     assert metrics["reward_mcqa"] == 0 and metrics["resampled_frac"] > 0   # MCQA groups filtered and refilled
     assert metrics["logprob_diff_max"] < 1e-4                          # sampler == trainer in fp32
     capsys.readouterr()
