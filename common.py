@@ -964,8 +964,9 @@ def evaluate_domains(model, tokenizer, examples, d: Dist, max_new_tokens, thinki
 
 
 def read_cascade(path):
-    """cascade.json: {"domains": [...], "rows": [{"name", "checkpoint", "trained", "scores": {domain: pass@1},
-    ...}, ...]}, rows in pipeline order (SFT, each RL stage, MOPD). Empty when the file does not exist yet."""
+    """cascade.json: {"domains": [...], "evaluation": {held-out settings}, "rows": [{"name", "checkpoint",
+    "trained", "scores": {domain: pass@1}, ...}, ...]}, rows in pipeline order (SFT, each RL stage, MOPD).
+    Empty when the file does not exist yet."""
     if not os.path.exists(path):
         return {"domains": [], "rows": []}
     with open(path) as f:
@@ -986,14 +987,24 @@ def cascade_row(cascade, name):
     return next((r for r in cascade["rows"] if r["name"] == name), None)
 
 
-def write_cascade_row(path, row, d: Dist):
-    """Add a row to cascade.json, or replace the row of the same name in place; atomic (main process only)."""
+def check_evaluation(cascade, evaluation, path):
+    """Rows are comparable only when scored alike: refuse held-out settings other than those cascade.json records."""
+    recorded = cascade.get("evaluation")
+    if recorded is not None and recorded != evaluation:
+        raise ConfigError(f"{path}: its rows were scored with {recorded}, not {evaluation}; use the same held-out "
+                          "settings or another out_dir")
+
+
+def write_cascade_row(path, row, d: Dist, evaluation=None):
+    """Add a row to cascade.json, or replace the row of the same name in place; atomic (main process only).
+    `evaluation` (the held-out settings every row is scored with) is recorded beside the rows."""
     if d.is_main:
         cascade = read_cascade(path)
         rows = [r for r in cascade["rows"] if r["name"] != row["name"]]
         at = next((i for i, r in enumerate(cascade["rows"]) if r["name"] == row["name"]), len(rows))
         rows.insert(at, row)
         domains = sorted({dom for r in rows for dom in r["scores"]})
-        _write_atomic(path, json.dumps({"domains": domains, "rows": rows}, indent=2) + "\n")
+        record = {"domains": domains, "evaluation": evaluation or cascade.get("evaluation"), "rows": rows}
+        _write_atomic(path, json.dumps(record, indent=2) + "\n")
     if d.world_size > 1:
         dist.barrier()

@@ -44,9 +44,6 @@ class MOPDConfig:
     weights: tuple[float, ...] = ()  # share of each domain's prompts in a batch (empty = equal shares)
     out_dir: str = "out/mopd"  # metrics, checkpoints and the HF export go here
     train_data: str = "data/rl.jsonl"  # prompts (any source tasks.load_examples reads; paper: the MOPD release)
-    eval_data: str = "data/eval.jsonl"  # held-out examples scored per domain (greedy pass@1)
-    eval_per_domain: int = 30  # held-out examples per domain (0 = all)
-    eval_max_new_tokens: int = 80  # generation budget of the held-out evaluation
     eval_batch_size: int = 64  # held-out prompts per generate call
     eval_every: int = 0  # held-out evaluation every N steps (0 = only at the end)
     # defaults for the tiny CPU run; configs/mopd_nano_30b.json has the paper's (128 prompts x 4 rollouts, lr 2e-6
@@ -197,7 +194,10 @@ def main(cfg: MOPDConfig):
     model = common.load_policy(student_dir, d, cfg.bf16, cfg.activation_checkpointing)
     pools, prompt_ids = common.prompt_pools(train_examples, domains, tokenizer, cfg.thinking, cfg.max_new_tokens,
                                             model.config.max_position_embeddings, f"--train_data {cfg.train_data}")
-    eval_examples = common.load_eval_examples(cfg.eval_data, per_domain=cfg.eval_per_domain)
+    # held-out scores exactly as cascade.json's rows were scored (its recorded settings), so the rows compare
+    ev = cascade.get("evaluation") or dict(data="data/eval.jsonl", per_domain=30, max_new_tokens=80, thinking=True)
+    eval_examples = common.load_eval_examples(ev["data"], option=f"{cfg.cascade} evaluation.data",
+                                              per_domain=ev["per_domain"])
     optimizer, ckpt, log, start_step = common.start_or_resume(
         model, cfg.out_dir, d, "mopd", cfg.lr, cfg.betas, cfg.weight_decay, cfg.keep_last, cfg.wandb_project,
         asdict(cfg))
@@ -248,7 +248,7 @@ def main(cfg: MOPDConfig):
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             metrics.update({f"eval_{dom}": s for dom, s in common.evaluate_domains(
-                model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens, cfg.thinking,
+                model, tokenizer, eval_examples, d, ev["max_new_tokens"], ev["thinking"],
                 cfg.eval_batch_size).items()})
         log.log(done, **metrics)
         bar.set_postfix(rkl=f"{metrics['reverse_kl']:.4f}", loss=f"{metrics['loss']:.4f}",
@@ -260,7 +260,7 @@ def main(cfg: MOPDConfig):
     export_dir = os.path.join(cfg.out_dir, "export")
     common.export_hf(model, tokenizer, export_dir, d,
                      dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
-    scores = common.evaluate_domains(model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens, cfg.thinking,
+    scores = common.evaluate_domains(model, tokenizer, eval_examples, d, ev["max_new_tokens"], ev["thinking"],
                                      cfg.eval_batch_size)
     log.log(cfg.steps, **{f"eval_{dom}": s for dom, s in scores.items()})
     common.write_cascade_row(cfg.cascade, dict(name="mopd", checkpoint=os.path.abspath(export_dir),

@@ -84,6 +84,7 @@ class RLConfig:
     eval_per_domain: int = 30  # held-out examples per domain (0 = all)
     eval_max_new_tokens: int = 96  # generation budget of the held-out evaluation
     eval_batch_size: int = 64  # held-out prompts per generate call
+    eval_thinking: bool = True  # held-out prompts in thinking mode
     only: tuple[str, ...] = ()  # run only these stages (names; empty = all); the others must be finished
     max_steps: int = 0  # cap every stage's steps (smoke tests; 0 = the preset's)
     set: tuple[str, ...] = ()  # stage option overrides STAGE.OPTION=VALUE, *.OPTION=VALUE for every stage (no lists)
@@ -362,7 +363,7 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, train_e
     def evaluate():
         t0 = time.perf_counter()
         scores = common.evaluate_domains(model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens,
-                                         stage.thinking, cfg.eval_batch_size)
+                                         cfg.eval_thinking, cfg.eval_batch_size)
         return scores, time.perf_counter() - t0
 
     model.train()
@@ -473,16 +474,19 @@ def main(cfg: RLConfig, stages: list, source="preset"):
     common.check_tokenizer(tokenizer, Model.config_from_pretrained(cfg.init), f"--init {cfg.init}")
     train_examples = tasks.load_examples(cfg.train_data, verbose=d.is_main)
     eval_examples = common.load_eval_examples(cfg.eval_data, per_domain=cfg.eval_per_domain)
+    evaluation = dict(data=cfg.eval_data, per_domain=cfg.eval_per_domain, max_new_tokens=cfg.eval_max_new_tokens,
+                      thinking=cfg.eval_thinking, greedy=True)
+    common.check_evaluation(common.read_cascade(cascade_path), evaluation, cascade_path)
 
     # the starting checkpoint's row: the scores every stage is compared with
     if common.cascade_row(common.read_cascade(cascade_path), cfg.init_name) is None:
         model = common.load_policy(cfg.init, d, cfg.bf16)
         t0 = time.perf_counter()
         scores = common.evaluate_domains(model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens,
-                                         stages[0].thinking, cfg.eval_batch_size)
+                                         cfg.eval_thinking, cfg.eval_batch_size)
         del model
         common.write_cascade_row(cascade_path, dict(name=cfg.init_name, checkpoint=os.path.abspath(cfg.init),
-                                                    trained=[], scores=scores), d)
+                                                    trained=[], scores=scores), d, evaluation)
         if d.is_main:
             print(f"rl: {cfg.init_name} held-out pass@1 {fmt(scores)} ({time.perf_counter() - t0:.1f} s)")
 
@@ -505,7 +509,7 @@ def main(cfg: RLConfig, stages: list, source="preset"):
                                        eval_examples)
         common.write_cascade_row(cascade_path, dict(name=stage.name, checkpoint=os.path.abspath(export_dir),
                                                     trained=list(stage.domains), scores=scores,
-                                                    seconds=round(time.perf_counter() - t0, 1)), d)
+                                                    seconds=round(time.perf_counter() - t0, 1)), d, evaluation)
         if d.is_main:
             print(f"rl[{stage.name}]: held-out pass@1 {fmt(scores)}; exported {export_dir}")
         start_from = export_dir

@@ -114,15 +114,15 @@ def cascade_dir(tmp_path):
     a = toy_export(tmp_path / "a", {294: 0.0, 1181: 1.0, 24: 0.5, 4: 0.0}, seed=1)
     rows = [dict(name="sft", checkpoint=str(sft), trained=[], scores={"if": 0.5, "mcqa": 0.1}),
             dict(name="a", checkpoint=str(a), trained=["if"], scores={"if": 0.4, "mcqa": 0.3})]
-    (tmp_path / "cascade.json").write_text(json.dumps(dict(domains=["if", "mcqa"], rows=rows)))
+    evaluation = dict(data=str(tmp_path / "eval.jsonl"), per_domain=1, max_new_tokens=6, thinking=False)
+    (tmp_path / "cascade.json").write_text(json.dumps(dict(domains=["if", "mcqa"], evaluation=evaluation, rows=rows)))
     (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [IF_ROW] * 3 + [MCQA_ROW] * 3))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [IF_ROW, MCQA_ROW]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [IF_ROW, MCQA_ROW] * 2))
     return tmp_path
 
 
 def mopd_args(root, out="mopd", **kw):
-    opts = dict(cascade=root / "cascade.json", out_dir=root / out, train_data=root / "rl.jsonl",
-                eval_data=root / "eval.jsonl", eval_per_domain=1, eval_max_new_tokens=6, steps=3,
+    opts = dict(cascade=root / "cascade.json", out_dir=root / out, train_data=root / "rl.jsonl", steps=3,
                 prompts_per_step=2, rollouts=2, max_new_tokens=8, thinking="false", lr=1e-2, warmup_steps=2,
                 save_every=1, device="cpu")
     opts.update(kw)
@@ -149,6 +149,7 @@ def test_teachers_row_resume_and_skip(cascade_dir, capsys):
     row = cascade["rows"][-1]
     assert [r["name"] for r in cascade["rows"]] == ["sft", "a", "mopd"]
     assert row["teachers"] == {"if": "sft", "mcqa": "a"} and set(row["scores"]) == {"if", "mcqa"}
+    assert cascade["evaluation"]["per_domain"] == 1                    # scored as the rows before it were
     Model.from_pretrained(row["checkpoint"])
     assert os.path.isfile(root / "resumed" / "curves.png")
     distill.main(common.parse_config(distill.MOPDConfig, args))                    # finished: skipped

@@ -264,6 +264,8 @@ def test_cascade_json_rows_and_skip_on_rerun(toy_run_dir, capsys):
         warnings.simplefilter("ignore")
         cascade = run_rl(root, "full")
     assert [r["name"] for r in cascade["rows"]] == ["sft", "a", "b"]
+    assert cascade["evaluation"] == dict(data=str(root / "eval.jsonl"), per_domain=1, max_new_tokens=8,
+                                         thinking=True, greedy=True)
     assert cascade["domains"] == ["if", "mcqa"]
     assert [r["trained"] for r in cascade["rows"]] == [[], ["if"], ["if", "mcqa"]]
     for row in cascade["rows"][1:]:
@@ -282,6 +284,8 @@ def test_cascade_json_rows_and_skip_on_rerun(toy_run_dir, capsys):
     again = run_rl(root, "full")
     assert "a]: finished earlier" in capsys.readouterr().out
     assert again == cascade and os.path.getmtime(root / "full" / "b" / "metrics.jsonl") == mtime
+    with pytest.raises(common.ConfigError, match="rows were scored with .*per_domain': 1.* not .*per_domain': 2"):
+        run_rl(root, "full", eval_per_domain=2)                       # rows scored otherwise would not compare
 
 
 def test_killed_run_resumes_with_identical_losses(toy_run_dir):
