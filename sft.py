@@ -13,6 +13,8 @@ few minutes; `configs/sft_nano_30b.json` holds the paper's settings for the real
 A run writes to out_dir: metrics.jsonl, curves.png, checkpoints/ (sharded, resumable: rerun the same command
 and it continues from the latest complete checkpoint), export/ (HF format + tokenizer) and eval.json.
 """
+import functools
+import json
 import math
 import os
 import signal
@@ -37,6 +39,9 @@ class SFTConfig:
     train_data: str = "data/sft.jsonl"  # SFT examples: JSONL/parquet path or HF dataset (see tasks.load_examples)
     train_split: str = "train"  # split when train_data is an HF dataset
     train_subset: str = ""  # HF dataset config (e.g. math, science, chat for the Nemotron-Cascade-2 SFT data)
+    train_mix: str = ""  # weighted mixture "SOURCE:WEIGHT,...": configs of train_data or files; empty = train_data alone
+    cache_dir: str = ""  # tokenized + packed rows cached here, memory-mapped (keyed by data, tokenizer, seq_len)
+    data_workers: int = 1  # processes tokenizing when the cache is built
     val_fraction: float = 0.02  # share of the examples held out for validation loss
     eval_data: str = "data/eval.jsonl"  # held-out tasks scored per domain at the end; empty = skip
     eval_per_domain: int = 40  # examples per domain for that final score (0 = all)
@@ -120,22 +125,163 @@ def pack(docs, seq_len, pad_id):
     return out_ids, out_tgt, out_doc
 
 
-def row_order(num_rows, seed, epoch):
-    """The rows of one epoch in a shuffled order fixed by (seed, epoch): resuming needs only the step count."""
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+@functools.lru_cache(maxsize=2)
+def row_order(num_rows, seed, epoch, mix=None):
+    """
+    The rows of one epoch in a shuffled order fixed by (seed, epoch): resuming needs only the step count.
+    mix: ((first_row, rows, weight), ...) per source: an epoch takes round(weight * rows) of a source's rows
+    (each row once, plus a fresh random choice for the fraction; weight 2 = every row twice).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if mix is None:
+        return rng.permutation(num_rows)
+    picked = []
+    for first, n, weight in mix:
+        whole, frac = divmod(round(weight * n), n)
+        picked += [np.arange(first, first + n)] * whole + [first + rng.choice(n, frac, replace=False)]
+    return rng.permutation(np.concatenate(picked))
 
 
-def rows_for_step(step, global_batch, num_rows, seed):
+def rows_for_step(step, global_batch, num_rows, seed, mix=None):
     """Row indices of optimizer step `step`: a contiguous slice of the endless sequence of shuffled epochs."""
+    epoch_len = len(row_order(num_rows, seed, 0, mix))
+    return [int(row_order(num_rows, seed, k // epoch_len, mix)[k % epoch_len])
+            for k in range(step * global_batch, (step + 1) * global_batch)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data cache: tokenize and pack once, then every process memory-maps the rows (reading only its own)
+
+
+def mix_sources(cfg):
+    """[(name, train_data, subset, weight)] from --train_mix, or train_data / train_subset alone."""
+    if not cfg.train_mix:
+        return [(cfg.train_subset or cfg.train_data, cfg.train_data, cfg.train_subset or None, 1.0)]
     out = []
-    for k in range(step * global_batch, (step + 1) * global_batch):
-        out.append(row_order(num_rows, seed, k // num_rows)[k % num_rows])
+    for item in cfg.train_mix.split(","):
+        name, _, weight = item.strip().rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1
+        if not name or not w > 0:
+            raise common.ConfigError(f"--train_mix: {item!r} is not SOURCE:WEIGHT with a weight > 0")
+        out.append((name, name, None, w) if os.path.exists(name) else (name, cfg.train_data, name, w))
     return out
+
+
+def _tokenize_worker_init(path):
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(path)
+
+
+def _tokenize_chunk(args):
+    examples, thinking = args
+    return tokenize(examples, _worker_tokenizer, thinking)
+
+
+def tokenize_parallel(examples, tokenizer_path, tokenizer, thinking, workers, progress=False):
+    """tokenize() over `workers` processes (each loads the tokenizer once), in the examples' order."""
+    if workers <= 1 or len(examples) < 64:
+        return tokenize(examples, tokenizer, thinking, progress=progress)
+    from concurrent.futures import ProcessPoolExecutor
+    size = max(16, len(examples) // (8 * workers))
+    chunks = [(examples[i:i + size], thinking) for i in range(0, len(examples), size)]
+    with ProcessPoolExecutor(workers, initializer=_tokenize_worker_init, initargs=(tokenizer_path,)) as pool:
+        return [doc for part in pool.map(_tokenize_chunk, chunks) for doc in part]
+
+
+def data_cache_key(cfg, tokenizer, sources):
+    """What the rows depend on: the sources (names, and size + mtime of local files), the tokenizer's vocabulary
+    and chat template, seq_len, thinking, val_fraction and seed (the held-out split)."""
+    import hashlib
+    stamp = lambda p: [os.path.getsize(p), os.path.getmtime(p)] if os.path.isfile(p) else None  # noqa: E731
+    tok = tokenizer.tokenizer.to_str()                          # vocabulary, merges, special tokens
+    parts = dict(sources=[(n, d, s, stamp(d)) for n, d, s, _ in sources], split=cfg.train_split,
+                 tokenizer=hashlib.sha256(tok.encode()).hexdigest(),
+                 special=[tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token],
+                 seq_len=cfg.seq_len, thinking=cfg.thinking, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                 version=1)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def build_rows(cfg, tokenizer, d, verbose=True):
+    """
+    (train, val, mix): train and val are (ids, targets, doc_ids) row arrays, int32 memory maps when --cache_dir is
+    set (built by rank 0 once, reused by every later run with the same key; each process then pages in only the
+    rows it reads), else in memory; mix is row_order's per-source (first_row, rows, weight), None for one source.
+    """
+    sources = mix_sources(cfg)
+    if not cfg.cache_dir:                                   # every process builds its rows in memory
+        return _build_rows(cfg, tokenizer, sources, None, verbose and d.is_main)
+    path = os.path.join(cfg.cache_dir, data_cache_key(cfg, tokenizer, sources))
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        if d.is_main:
+            _build_rows(cfg, tokenizer, sources, path, verbose)
+        if d.world_size > 1:
+            common.dist.barrier()
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    arrays = {name: np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r")
+              for name in ("train_ids", "train_targets", "train_docs", "val_ids", "val_targets", "val_docs")}
+    train = tuple(arrays[f"train_{k}"] for k in ("ids", "targets", "docs"))
+    val = tuple(arrays[f"val_{k}"] for k in ("ids", "targets", "docs")) if len(arrays["val_ids"]) else None
+    mix = tuple(tuple(m) for m in meta["mix"]) if len(sources) > 1 else None
+    if verbose and d.is_main:
+        print(f"sft: {len(train[0])} rows of {cfg.seq_len} from the cache {path}")
+    return train, val, mix
+
+
+def _build_rows(cfg, tokenizer, sources, path, verbose):
+    import time as _time
+    tokenizer_path = cfg.tokenizer or cfg.model
+    trains, vals, mix, first, n_tokens, busy = [], [], [], 0, 0, 0.0
+    for name, data, subset, weight in sources:
+        if verbose:
+            print(f"sft: loading {name}", flush=True)
+        examples = tasks.load_examples(data, split=cfg.train_split, config=subset, verbose=verbose)
+        examples = [ex for ex in examples if any(m["role"] == "assistant" for m in ex["messages"])]
+        if not examples:
+            raise common.ConfigError(f"--train_data {name}: no examples with an assistant turn to train on")
+        order = np.random.default_rng(cfg.seed).permutation(len(examples))
+        n_val = max(1, int(len(examples) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+        val_ex, train_ex = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
+        t0 = _time.perf_counter()
+        docs = tokenize_parallel(train_ex, tokenizer_path, tokenizer, cfg.thinking, cfg.data_workers, verbose)
+        n_tokens += sum(len(ids) for ids, _ in docs)
+        rows = pack(docs, cfg.seq_len, tokenizer.pad_id) if docs else None
+        busy += _time.perf_counter() - t0
+        if rows is None or not (rows[1] >= 0).any():
+            raise common.ConfigError(f"--train_data {name}: nothing to train on: " + (
+                f"--val_fraction={cfg.val_fraction} holds out all {len(examples)} examples" if not train_ex else
+                f"no assistant token is left within --seq_len={cfg.seq_len} tokens of any row; raise --seq_len"))
+        trains.append(rows)
+        if val_ex:
+            vals.append(pack(tokenize(val_ex, tokenizer, cfg.thinking), cfg.seq_len, tokenizer.pad_id))
+        mix.append((first, len(rows[0]), weight))
+        first += len(rows[0])
+    train = tuple(np.concatenate([r[i] for r in trains]) for i in range(3))
+    val = tuple(np.concatenate([r[i] for r in vals]) for i in range(3)) if vals else None
+    if verbose:
+        print(f"sft: tokenized and packed {n_tokens:,} tokens in {busy:.1f} s ({n_tokens / busy:,.0f} tokens/s, "
+              f"{cfg.data_workers} workers) -> {len(train[0])} rows")
+    if path is None:
+        return train, val, tuple(mix) if len(sources) > 1 else None
+    tmp = f"{path}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    empty = tuple(np.zeros((0, cfg.seq_len), np.int32) for _ in range(3))
+    for split, arrays in (("train", train), ("val", val or empty)):
+        for key, a in zip(("ids", "targets", "docs"), arrays):
+            np.save(os.path.join(tmp, f"{split}_{key}.npy"), np.asarray(a, dtype=np.int32))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(dict(mix=mix, sources=sources, seq_len=cfg.seq_len), f)
+    os.replace(tmp, path)                   # complete or absent: a killed build is redone
 
 
 def batch_loss(model, ids, targets, doc_ids, device):
     """Sum of -log p over the target tokens, and their count."""
-    ids, targets, doc_ids = (torch.as_tensor(a, device=device) for a in (ids, targets, doc_ids))
+    ids, targets, doc_ids = (torch.as_tensor(np.asarray(a, dtype=np.int64), device=device)    # cached rows: int32
+                             for a in (ids, targets, doc_ids))
     logprobs = model.token_logprobs(ids, targets, doc_ids=doc_ids)
     valid = targets >= 0
     return -(logprobs * valid).sum(), valid.sum()
@@ -191,24 +337,9 @@ def main(cfg: SFTConfig):
         raise common.ConfigError(f"--tokenizer {cfg.tokenizer or cfg.model} has {tokenizer.vocab_size} tokens but "
                                  f"the model's vocab_size is {model_config.vocab_size}")
 
-    # data: hold out a validation slice, tokenize, pack
-    if d.is_main:
-        print(f"sft: loading {cfg.train_data}", flush=True)
-    examples = tasks.load_examples(cfg.train_data, split=cfg.train_split, config=cfg.train_subset or None,
-                                   verbose=d.is_main)
-    examples = [ex for ex in examples if any(m["role"] == "assistant" for m in ex["messages"])]
-    if not examples:
-        raise common.ConfigError(f"--train_data {cfg.train_data}: no examples with an assistant turn to train on")
-    order = np.random.default_rng(cfg.seed).permutation(len(examples))
-    n_val = max(1, int(len(examples) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
-    val_ex, train_ex = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
-    train = pack(tokenize(train_ex, tokenizer, cfg.thinking, progress=d.is_main), cfg.seq_len, tokenizer.pad_id)
-    val = pack(tokenize(val_ex, tokenizer, cfg.thinking), cfg.seq_len, tokenizer.pad_id) if val_ex else None
+    # data: hold out a validation slice of each source, tokenize, pack (or memory-map the cached rows)
+    train, val, mix = build_rows(cfg, tokenizer, d)
     num_rows = len(train[0])
-    if not train_ex or not (train[1] >= 0).any():
-        raise common.ConfigError(f"--train_data {cfg.train_data}: nothing to train on: " + (
-            f"--val_fraction={cfg.val_fraction} holds out all {len(examples)} examples" if not train_ex else
-            f"no assistant token is left within --seq_len={cfg.seq_len} tokens of any row; raise --seq_len"))
 
     per_step = d.world_size * cfg.micro_batch
     if cfg.global_batch % per_step:
@@ -230,7 +361,7 @@ def main(cfg: SFTConfig):
                             run_config=asdict(cfg))
     if d.is_main:
         n = model.num_params() if hasattr(model, "num_params") else {}
-        print(f"sft: {len(train_ex)} train / {len(val_ex)} val examples -> {num_rows} rows of {cfg.seq_len}; "
+        print(f"sft: {num_rows} train / {len(val[0]) if val is not None else 0} val rows of {cfg.seq_len}; "
               f"{total_steps} steps of {cfg.global_batch} rows ({accum} accumulation x {d.world_size} processes); "
               f"model {n.get('total', 0) / 1e6:.2f}M params")
 
@@ -260,7 +391,7 @@ def main(cfg: SFTConfig):
         t0 = time.perf_counter()
         lr = common.lr_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr)
         common.set_lr(optimizer, lr)
-        step_rows = rows_for_step(step, cfg.global_batch, num_rows, cfg.seed)
+        step_rows = rows_for_step(step, cfg.global_batch, num_rows, cfg.seed, mix)
         mine = step_rows[d.rank::d.world_size]
         # normalise by the global number of target tokens, so every process count gives the same gradient
         n_tokens = common.all_reduce_sum(torch.tensor(float((train[1][mine] >= 0).sum()), device=d.device), d)

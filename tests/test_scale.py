@@ -398,10 +398,21 @@ model.gradient_checkpointing = ac
 ids, doc = torch.randint(0, 4096, (1, T)), (torch.arange(T) // 700)[None]
 model.token_logprobs(ids[:, :128], ids[:, :128], doc_ids=doc[:, :128]).sum().backward()   # lazy allocations
 model.zero_grad(set_to_none=True)
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-before = peak()
+# anonymous resident memory (resident minus file-backed pages, which a busy machine may evict from under us),
+# sampled every millisecond by a thread while the step runs
+import threading, time
+anon = lambda: (lambda f: (int(f[1]) - int(f[2])) * 4096)(open("/proc/self/statm").read().split())
+before, peak, running = anon(), [0], [True]
+def sample():
+    while running[0]:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.001)
+thread = threading.Thread(target=sample)
+thread.start()
 model.token_logprobs(ids, ids, doc_ids=doc).sum().backward()
-print(json.dumps(dict(measured=peak() - before, predicted=train["grads"] + train["activations"] + train["logprobs"])))
+running[0] = False
+thread.join()
+print(json.dumps(dict(measured=peak[0] - before, predicted=train["grads"] + train["activations"] + train["logprobs"])))
 """
 
 
@@ -427,3 +438,58 @@ def test_memory_cli_prints_train_and_sample_bytes():
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "activation checkpointing on" in out.stdout and "sampling: params gathered" in out.stdout
+
+
+# -- the data cache ----------------------------------------------------------------------------------------------
+
+
+def _data_cfg(run_dir, **kw):  # noqa: F811
+    from tests.test_sft import args_for
+    return common.parse_config(sft.SFTConfig, args_for(run_dir, cache_dir=run_dir / "cache", **kw))
+
+
+def test_data_cache_is_reused_and_rebuilt_when_its_key_changes(run_dir, tok, monkeypatch):  # noqa: F811
+    d = common.Dist()
+    train, val, mix = sft.build_rows(_data_cfg(run_dir), tok, d)
+    assert isinstance(train[0], np.memmap) and train[0].dtype == np.int32 and mix is None
+    real = sft.tokenize
+    calls = []
+    monkeypatch.setattr(sft, "tokenize", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    again, val2, _ = sft.build_rows(_data_cfg(run_dir), tok, d)               # the second run reads the cache
+    assert calls == [] and all(np.array_equal(a, b) for a, b in zip(train + val, again + val2))
+    sft.build_rows(_data_cfg(run_dir, seq_len=96), tok, d)                     # another seq_len: rebuilt
+    assert len(calls) == 2
+    other = sft.load_tokenizer(os.path.join(ROOT, "data", "tokenizer.json"))
+    other.tokenizer.add_special_tokens(["<|new|>"])                            # another tokenizer: rebuilt
+    sft.build_rows(_data_cfg(run_dir), other, d)
+    assert len(calls) == 4
+    assert len(os.listdir(run_dir / "cache")) == 3
+
+
+def test_mixture_weights_set_each_sources_share_of_an_epoch(run_dir, tok):  # noqa: F811
+    rows = (run_dir / "sft.jsonl").read_text().splitlines()
+    (run_dir / "a.jsonl").write_text("\n".join(rows[:24]) + "\n")
+    (run_dir / "b.jsonl").write_text("\n".join(rows[24:]) + "\n")
+    cfg = _data_cfg(run_dir, train_mix=f"{run_dir / 'a.jsonl'}:3,{run_dir / 'b.jsonl'}:0.5", val_fraction=0)
+    train, _, mix = sft.build_rows(cfg, tok, common.Dist())
+    (a0, na, wa), (b0, nb, wb) = mix
+    assert (a0, wa, b0, wb) == (0, 3.0, na, 0.5) and na + nb == len(train[0])
+    epoch = sft.row_order(len(train[0]), 0, 0, mix)
+    from_a = int((epoch < na).sum())
+    assert from_a == 3 * na and len(epoch) - from_a == round(0.5 * nb)
+    assert sorted(set(epoch[epoch < na].tolist())) == list(range(na))          # every row of a, three times
+    assert sft.rows_for_step(1, 4, len(train[0]), 0, mix) == epoch[4:8].tolist()
+    with pytest.raises(common.ConfigError, match="SOURCE:WEIGHT"):
+        sft.mix_sources(types.SimpleNamespace(train_mix="a.jsonl", train_data="", train_subset=""))
+
+
+def test_two_processes_read_their_rows_from_one_cache(run_dir):  # noqa: F811
+    from tests.test_sft import run_subprocess
+    one = run_subprocess(run_dir, out="one", max_steps=3, save_every=0, eval_every=0)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_subprocess(run_dir, nproc=2, out="two", max_steps=3, save_every=0, eval_every=0, micro_batch=1,
+                         cache_dir=run_dir / "cache")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert len(os.listdir(run_dir / "cache")) == 1                              # built once, by rank 0
+    np.testing.assert_allclose([v for _, v in losses(run_dir / "one")], [v for _, v in losses(run_dir / "two")],
+                               rtol=1e-5, atol=1e-5)
