@@ -19,3 +19,13 @@ def small_config(**overrides) -> ModelConfig:
 @pytest.fixture
 def make_config():
     return small_config
+
+
+@pytest.fixture
+def one_thread():
+    """Small matmuls on a shared 2-core machine: a second spinning thread per process only adds synchronisation
+    (use with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,15 +16,7 @@ from tests.conftest import small_config
 from tests.test_sft import losses, run_dir, run_inprocess, tok  # noqa: F401  (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls on a shared 2-core machine: two spinning threads per process are far slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- distributed hygiene -----------------------------------------------------------------------------------------
