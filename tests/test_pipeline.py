@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SMALL = ["--sft.max_steps=3", "--sft.save_every=0",
          "--rl.max_steps=1", "--rl.eval_per_domain=2", "--rl.eval_max_new_tokens=8",
-         "--mopd.steps=1", "--mopd.warmup_steps=1", "--mopd.eval_per_domain=2", "--mopd.eval_max_new_tokens=8"]
+         "--mopd.steps=1", "--mopd.warmup_steps=1"]    # MOPD scores with the settings cascade.json records
 
 
 def run_pipeline(out, *extra):
