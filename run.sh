@@ -40,6 +40,10 @@ case "$seed" in ''|*[!0-9]*) echo "run.sh: --seed must be a non-negative integer
 
 ./setup.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# One torch thread per process unless told otherwise: the tiny model's matmuls are too small to gain from two, and
+# the sandbox and verifier workers need the other core (two threads on a busy 2-core machine made an RL step 15x
+# slower). Set OMP_NUM_THREADS to override.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 py=.venv/bin/python
 stamp() { date +%s; }
 t_start=$(stamp)
