@@ -6,7 +6,7 @@ per-domain held-out pass@1 and wall time of each, side by side. The paper finds 
 
     python bench/bench_mopd_vs_grpo.py --cascade out/rl/cascade.json --steps 20 --out out/h2h
 
-Both arms use the same prompts file, prompts per step and evaluation settings; each arm's rollouts per prompt
+Both arms use the same prompts file, prompts per step and evaluation settings (those cascade.json records); each arm's rollouts per prompt
 are its own stage's default (MOPD 4, GRPO 8), as the paper runs them. Not part of ./run.sh.
 """
 import argparse
@@ -34,7 +34,6 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps of each arm (default: %(default)s)")
     ap.add_argument("--prompts_per_step", type=int, default=8, help="prompts per step, both arms (default: %(default)s)")
     ap.add_argument("--grpo_lr", type=float, default=1e-4, help="GRPO learning rate (default: %(default)s)")
-    ap.add_argument("--eval_per_domain", type=int, default=30, help="held-out examples per domain (default: %(default)s)")
     ap.add_argument("--out", default="out/h2h", help="output directory (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of both arms (default: %(default)s)")
     args = ap.parse_args()
@@ -46,7 +45,9 @@ def main():
     domains = cascade["domains"]
     os.makedirs(args.out, exist_ok=True)
     py = sys.executable
-    common = [f"--seed={args.seed}", f"--eval_per_domain={args.eval_per_domain}"]
+    ev = cascade.get("evaluation", {})     # both arms score with the settings every cascade row was scored with
+    evaluation = [f"--eval_data={ev.get('data', 'data/eval.jsonl')}", f"--eval_per_domain={ev.get('per_domain', 0)}",
+                  f"--eval_max_new_tokens={ev.get('max_new_tokens', 80)}"]
 
     # arm 1: MOPD, teachers from the cascade, student = its last RL checkpoint
     mopd_cascade = os.path.join(args.out, "mopd_cascade.json")
@@ -54,7 +55,7 @@ def main():
         json.dump(dict(cascade, rows=[r for r in cascade["rows"] if r["name"] != "mopd"]), f)
     t_mopd = run([py, "distill.py", f"--cascade={mopd_cascade}", f"--out_dir={os.path.join(args.out, 'mopd')}",
                   f"--student={start['checkpoint']}", f"--steps={args.steps}",
-                  f"--prompts_per_step={args.prompts_per_step}", *common], os.path.join(args.out, "mopd.log"))
+                  f"--prompts_per_step={args.prompts_per_step}", f"--seed={args.seed}"], os.path.join(args.out, "mopd.log"))
 
     # arm 2: one GRPO stage on every domain, from the same checkpoint
     preset = os.path.join(args.out, "grpo_all.json")
@@ -62,7 +63,8 @@ def main():
         json.dump({"stages": [{"name": "grpo-all", "domains": domains, "steps": args.steps,
                                "prompts_per_step": args.prompts_per_step, "lr": args.grpo_lr}]}, f)
     t_grpo = run([py, "rl.py", f"--config={preset}", f"--init={start['checkpoint']}", f"--init_name={start['name']}",
-                  f"--out_dir={os.path.join(args.out, 'grpo')}", *common], os.path.join(args.out, "grpo.log"))
+                  f"--out_dir={os.path.join(args.out, 'grpo')}", f"--seed={args.seed}", *evaluation],
+                 os.path.join(args.out, "grpo.log"))
 
     with open(mopd_cascade) as f:
         mopd = next(r for r in json.load(f)["rows"] if r["name"] == "mopd")
