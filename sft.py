@@ -46,7 +46,7 @@ class SFTConfig:
     eval_data: str = "data/eval.jsonl"  # held-out tasks scored per domain at the end; empty = skip
     eval_per_domain: int = 40  # examples per domain for that final score (0 = all)
     eval_max_new_tokens: int = 160  # generation budget of the final score
-    thinking: bool = True  # render assistant turns in thinking mode
+    thinking: bool = True  # thinking mode of the final eval prompts (training turns render as written either way)
     out_dir: str = "out/sft"  # metrics, checkpoints and the HF export go here
     # batch
     seq_len: int = 512  # tokens per packed row
