@@ -108,7 +108,8 @@ def format_table(boards):
     teachers = next((r.get("teachers") for r in boards[0]["rows"] if r["name"] == "mopd"), None)
     if teachers:
         lines.append("")
-        lines.append(("MOPD teachers (first run): " if len(boards) > 1 else "MOPD teachers: ") + ", ".join(f"{dom} <- {t}" for dom, t in sorted(teachers.items())))
+        label = "MOPD teachers (first run): " if len(boards) > 1 else "MOPD teachers: "
+        lines.append(label + ", ".join(f"{dom} <- {t}" for dom, t in sorted(teachers.items())))
     return "\n".join(lines)
 
 
