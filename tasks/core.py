@@ -22,6 +22,17 @@ class ExampleError(ValueError):
         self.where, self.field, self.problem = where, field, problem
 
 
+def json_field(value, where: str, field: str):
+    """A field that a row may hold as a JSON string (messages, schemas, tool-call arguments): decoded, or as it is
+    when it is not a string; a string that is not JSON is an ExampleError naming the field."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ExampleError(where, field, f"a string that is not JSON ({e})") from None
+
+
 # -----------------------------------------------------------------------------
 # Loading examples
 
@@ -141,12 +152,7 @@ def example_from_row(row, where: str = "<row>", hint=None):
         return _check_example({"domain": "math", "messages": [{"role": "user", "content": prompt}],
                                "answer": _answer_str(row["answer"], where)}, where)
     if "messages" in row:
-        messages = row["messages"]
-        if isinstance(messages, str):
-            try:
-                messages = json.loads(messages)
-            except json.JSONDecodeError as e:
-                raise ExampleError(where, "messages", f"a string that is not JSON ({e})") from None
+        messages = json_field(row["messages"], where, "messages")
         # no reference answer to grade: the domain says where the row came from, e.g. "sft/math"
         source = row.get("category") or hint or "chat"
         example = {"domain": f"sft/{source}", "messages": _inline_reasoning(messages, where)}
@@ -233,24 +239,14 @@ def _tool_example(row: dict, tools, messages, agent: str, where: str):
     `ground_truth`: [{"name", "arguments": "<JSON>"}, ...], graded there by running the policy's calls and these
     against live databases and comparing their state. A call whose argument values are not all in the prompt
     (an email id, a date worked out from "next Monday") needs a tool result first: the row is skipped."""
-    truth = row.get("ground_truth")
-    if isinstance(truth, str):
-        try:
-            truth = json.loads(truth)
-        except json.JSONDecodeError as e:
-            raise ExampleError(where, "ground_truth", f"a string that is not JSON ({e})") from None
+    truth = json_field(row.get("ground_truth"), where, "ground_truth")
     if not truth:
         return f"tool-calling without ground-truth calls ({agent})"
     if not isinstance(truth, list) or not all(isinstance(c, dict) for c in truth):
         raise ExampleError(where, "ground_truth", f"expected a list of calls {{name, arguments}}, got {truth!r:.80}")
     calls = []
     for i, call in enumerate(truth):
-        arguments = call.get("arguments") or {}
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError as e:
-                raise ExampleError(where, f"ground_truth[{i}].arguments", f"not JSON ({e})") from None
+        arguments = json_field(call.get("arguments") or {}, where, f"ground_truth[{i}].arguments")
         calls.append({"name": call.get("name"), "arguments": arguments})
     prompt = "\n".join(m["content"] for m in messages if isinstance(m.get("content"), str)).lower()
 

@@ -6,7 +6,7 @@ The json domain: the whole answer parses and validates against the example's JSO
 
 import json
 
-from .core import ExampleError
+from .core import ExampleError, json_field
 
 def strict_schema(schema):
     """A copy where every object with properties requires all of them and allows no others (NeMo-Gym's rule)."""
@@ -36,12 +36,7 @@ def json_reward(schema: dict, answer: str) -> float:
 
 
 def check(example: dict, where: str):
-    schema = example.get("schema")
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise ExampleError(where, "schema", f"a string that is not JSON ({e})") from None
+    schema = json_field(example.get("schema"), where, "schema")
     if not isinstance(schema, dict):
         raise ExampleError(where, "schema", f"expected a JSON Schema object, got {type(schema).__name__}")
     import jsonschema

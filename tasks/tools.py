@@ -18,10 +18,9 @@ A call to a function not in `tools`, call markup that does not parse, prose wher
 where prose is expected: 0.
 """
 
-import json
 import re
 
-from .core import ExampleError
+from .core import ExampleError, json_field
 
 _CALL_MARKUP = ("<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=", "</parameter>")
 
@@ -59,12 +58,7 @@ def check(example: dict, where: str):
             if not isinstance(call, dict) or call.get("name") not in schemas:
                 raise ExampleError(where, at, f"expected a call {{name, arguments}} of one of the tools "
                                    f"{sorted(schemas)}, got {call!r:.80}")
-            arguments = call.get("arguments") or {}
-            if isinstance(arguments, str):  # the OpenAI form: a JSON string
-                try:
-                    arguments = json.loads(arguments)
-                except json.JSONDecodeError as e:
-                    raise ExampleError(where, f"{at}.arguments", f"a string that is not JSON ({e})") from None
+            arguments = json_field(call.get("arguments") or {}, where, f"{at}.arguments")  # OpenAI: a JSON string
             if not isinstance(arguments, dict):
                 raise ExampleError(where, f"{at}.arguments", f"expected an object, got {arguments!r:.80}")
             known = schemas[call["name"]].get("properties") or {}
