@@ -15,10 +15,10 @@ Scores are fractions in the JSON and percentages in the table. Only held-out exa
 distill.py evaluate on eval_data; data/generate.py keeps its prompts out of the training splits).
 """
 import argparse
-import json
 import os
 import statistics
-import sys
+
+import common
 
 SFT_RANGE = (0.05, 0.90)      # claim 1
 RL_LIFT, RL_CEILING = 0.10, 0.95  # claim 2
@@ -29,11 +29,7 @@ def read_cascade(run_dir):
     path = os.path.join(run_dir, "rl", "cascade.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no cascade.json (run ./run.sh, or rl.py and distill.py, first)")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return common.read_cascade(path)
 
 
 def scoreboard(cascade):
@@ -119,8 +115,6 @@ def plot_curves(run_dir, board, png_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import read_metrics
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     offset = 0
@@ -128,7 +122,7 @@ def plot_curves(run_dir, board, png_path):
         path = os.path.join(run_dir, "rl", row["name"], "metrics.jsonl")
         if not os.path.exists(path):
             continue
-        pts = [(r["step"], r["reward"]) for r in read_metrics(path) if r.get("reward") is not None]
+        pts = [(r["step"], r["reward"]) for r in common.read_metrics(path) if r.get("reward") is not None]
         if pts:
             axes[0].plot([offset + s for s, _ in pts], [v for _, v in pts], label=row["name"])
             offset += max(s for s, _ in pts)
@@ -141,7 +135,7 @@ def plot_curves(run_dir, board, png_path):
     axes[1].set(title="held-out pass@1 per domain", ylim=(0, 1))
     path = os.path.join(run_dir, "mopd", "metrics.jsonl")
     if os.path.exists(path):
-        rows = read_metrics(path)
+        rows = common.read_metrics(path)
         for key in sorted({k for r in rows for k in r if k.startswith("reverse_kl_")}):
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             axes[2].plot([s for s, _ in pts], [v for _, v in pts], label=key.removeprefix("reverse_kl_"))
@@ -154,12 +148,6 @@ def plot_curves(run_dir, board, png_path):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
-
-
-def _write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -184,9 +172,9 @@ def main(argv=None):
         details = "; ".join(c[2] for c in run_claims)
         lines.append(f"- {'PASS' if all(oks) else 'FAIL'} ({sum(oks)}/{len(oks)} runs) {name}: {details}")
     md = "\n".join(lines) + "\n"
-    _write_atomic(os.path.join(out, "scoreboard.md"), md)
+    common._write_atomic(os.path.join(out, "scoreboard.md"), md)
     result = boards[0] if len(boards) == 1 else {"runs": args.runs, "boards": boards}
-    _write_atomic(os.path.join(out, "scoreboard.json"), json.dumps(result, indent=2) + "\n")
+    common.write_json_atomic(os.path.join(out, "scoreboard.json"), result)
     if len(boards) == 1:
         plot_curves(args.runs[0], boards[0], os.path.join(out, "curves.png"))
     print(md)
