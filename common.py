@@ -432,7 +432,7 @@ def release_out_dir(out_dir):
 def run_main(main, cfg):
     """A stage script's entry point: main(cfg), where bad input found after parsing (a data row, the out_dir,
     the held-out file: ConfigError or tasks.ExampleError) ends with its one-line message and exit status 2, as an
-    option error does, instead of a traceback."""
+    option error does, instead of a traceback; the out_dir locks it took are released however it ends."""
     import sys
 
     from tasks import ExampleError
@@ -441,6 +441,9 @@ def run_main(main, cfg):
     except (ConfigError, ExampleError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:                                   # the out_dir is free again however main ended (also when called
+        for out_dir in list(_held_out_dirs):   # in a process that lives on, such as a notebook)
+            release_out_dir(out_dir)
 
 
 def write_json_atomic(path, obj):
@@ -893,21 +896,16 @@ def prompt_pools(examples, domains, tokenizer, thinking, max_new_tokens, context
     for a domain with no prompts in `source` and for a prompt that does not fit the model's context with the
     generation budget.
     """
-    import tasks
-    from tokenizer import encode_prompt
+    import sample
     pools, prompt_ids = [], []
     for dom in domains:
         pool = [ex for ex in examples if ex["domain"] == dom]
         if not pool:
             raise ConfigError(f"{source} has no prompts of domain {dom!r}")
-        ids = [encode_prompt(tokenizer, tasks.prompt_messages(ex), tools=ex.get("tools"), thinking=thinking)
-               for ex in pool]
-        for i, p in enumerate(ids):
-            if len(p) + max_new_tokens > context:
-                raise ConfigError(f"{source}: prompt {i} of domain {dom!r} has {len(p)} tokens; with max_new_tokens "
-                                 f"{max_new_tokens} it exceeds the model's context of {context}")
+        prompt_ids.append(sample.encode_prompts(tokenizer, pool, thinking, context, max_new_tokens,
+                                                source=f"{source}, domain {dom!r}",
+                                                hint="shorten it or lower max_new_tokens"))
         pools.append(pool)
-        prompt_ids.append(ids)
     return pools, prompt_ids
 
 

@@ -182,6 +182,13 @@ def main(cfg: MOPDConfig):
     if cfg.prompts_per_step % d.world_size:
         raise common.ConfigError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world_size} "
                                  "processes")
+    # held-out scores exactly as cascade.json's rows were scored (its recorded settings), so the rows compare
+    ev = cascade.get("evaluation") or dict(data="data/eval.jsonl", per_domain=30, max_new_tokens=80, thinking=True)
+    eval_examples = common.load_eval_examples(ev["data"], option=f"{cfg.cascade} evaluation.data",
+                                              per_domain=ev["per_domain"])
+    sample.encode_prompts(tokenizer, eval_examples, ev["thinking"], Model.config_from_pretrained(student_dir)
+                          .max_position_embeddings, ev["max_new_tokens"], source=f"{cfg.cascade} evaluation.data "
+                          f"{ev['data']}", hint="shorten it or lower the evaluation's max_new_tokens")
     chosen = pick_teachers(cascade, domains, cfg.teachers, cfg.cascade)
     if d.is_main:
         for dom, (name, path, score) in chosen.items():
@@ -194,10 +201,6 @@ def main(cfg: MOPDConfig):
     model = common.load_policy(student_dir, d, cfg.bf16, cfg.activation_checkpointing)
     pools, prompt_ids = common.prompt_pools(train_examples, domains, tokenizer, cfg.thinking, cfg.max_new_tokens,
                                             model.config.max_position_embeddings, f"--train_data {cfg.train_data}")
-    # held-out scores exactly as cascade.json's rows were scored (its recorded settings), so the rows compare
-    ev = cascade.get("evaluation") or dict(data="data/eval.jsonl", per_domain=30, max_new_tokens=80, thinking=True)
-    eval_examples = common.load_eval_examples(ev["data"], option=f"{cfg.cascade} evaluation.data",
-                                              per_domain=ev["per_domain"])
     optimizer, ckpt, log, start_step = common.start_or_resume(
         model, cfg.out_dir, d, "mopd", cfg.lr, cfg.betas, cfg.weight_decay, cfg.keep_last, cfg.wandb_project,
         asdict(cfg))

@@ -474,6 +474,12 @@ def main(cfg: RLConfig, stages: list, source="preset"):
     common.check_tokenizer(tokenizer, Model.config_from_pretrained(cfg.init), f"--init {cfg.init}")
     train_examples = tasks.load_examples(cfg.train_data, verbose=d.is_main)
     eval_examples = common.load_eval_examples(cfg.eval_data, per_domain=cfg.eval_per_domain)
+    context = Model.config_from_pretrained(cfg.init).max_position_embeddings
+    sample.encode_prompts(tokenizer, eval_examples, cfg.eval_thinking, context, cfg.eval_max_new_tokens,
+                          source=f"--eval_data {cfg.eval_data}", hint="shorten it or lower --eval_max_new_tokens")
+    for stage in stages:                     # every stage's prompts fit the context, before any model loads
+        common.prompt_pools(train_examples, stage.domains, tokenizer, stage.thinking, stage.max_new_tokens, context,
+                            f"--train_data {cfg.train_data}")
     evaluation = dict(data=cfg.eval_data, per_domain=cfg.eval_per_domain, max_new_tokens=cfg.eval_max_new_tokens,
                       thinking=cfg.eval_thinking, greedy=True)
     common.check_evaluation(common.read_cascade(cascade_path), evaluation, cascade_path)

@@ -48,7 +48,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
+import common
 from model import Model
 
 
@@ -187,7 +189,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
              top_p: float = 1.0, top_k: int = 0, n: int = 1, stop_token_ids=None, seed: Optional[int] = None, *,
              raw_logprobs: bool = False, prefill_chunk: int = 4096,
              on_step: Optional[Callable[[list[int], list[int]], None]] = None, reference: bool = False,
-             static_shapes: bool = False, cuda_graph: bool = False, check_every: int = 8) -> list[Completion]:
+             static_shapes: bool = False, cuda_graph: bool = False, check_every: int = 8,
+             progress: bool = False) -> list[Completion]:
     """
     Sample n completions for each prompt (a list of token-id lists of any lengths, each non-empty).
 
@@ -209,6 +212,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     static_shapes: decode steps attend over the whole cache (masked), so every step has the same shapes;
     cuda_graph: replay each decode step from a CUDA graph captured per batch-size bucket (CUDA only; implies
     static_shapes). check_every: the fixed-slot loop reads the finished mask on the host every this many steps.
+    progress: a progress bar over the prefill chunks when the prompts take more than one (a 156K-token prompt is
+    38 chunks of 4096, minutes on a CPU).
 
     Runs under torch.inference_mode and leaves the model's train/eval mode alone (the model has no dropout).
     On an FSDP2-sharded model, call it inside `with sampling_weights(model):` (every process, same calls), which
@@ -219,7 +224,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
             return generate(model, prompts, max_new_tokens, temperature, top_p, top_k, n, stop_token_ids, seed,
                             raw_logprobs=raw_logprobs, prefill_chunk=prefill_chunk, on_step=on_step,
                             reference=reference, static_shapes=static_shapes, cuda_graph=cuda_graph,
-                            check_every=check_every)
+                            check_every=check_every, progress=progress)
     model = _GATHERED.get(id(model), model)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -259,7 +264,10 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     cache = model.new_cache(len(prompts), L + max_new_tokens - 1,    # the last sampled token is never fed back
                             static_shapes=static_shapes or cuda_graph)
     chunk = prefill_chunk if prefill_chunk > 0 else L
-    for start in range(0, L, chunk):
+    starts = range(0, L, chunk)
+    if progress and len(starts) > 1:
+        starts = tqdm(starts, desc=f"prefill {L} tokens", unit="chunk", file=sys.stderr, leave=False)
+    for start in starts:
         piece = mask[:, start:start + chunk]
         logits = _last_logits(model, ids[:, start:start + chunk], cache=cache,
                               attention_mask=None if bool(piece.all()) else piece)
@@ -446,10 +454,23 @@ def response_text(tokenizer, completion: Completion, thinking: bool = True) -> s
     return opener + tokenizer.decode(tokens)
 
 
+def encode_prompts(tokenizer, examples: list[dict], thinking: bool, context: int, max_new_tokens: int,
+                   long_prompt: str = "refuse", source: str = "the eval set",
+                   hint: str = "shorten it or lower the generation budget") -> list[list[int]]:
+    """Each example's prompt ids (chat template with its tools, generation prompt, thinking or not), every one
+    fitted to the model's context with the generation budget (fit_context) before anything is generated: a long
+    one is refused, naming it, or cut with a warning. Stages call this up front, before a model loads."""
+    import tasks
+    from tokenizer import encode_prompt
+    return [fit_context(encode_prompt(tokenizer, tasks.prompt_messages(ex), tools=ex.get("tools"), thinking=thinking),
+                        context, max_new_tokens, long_prompt, f"{source}: example {i} ({ex['domain']})'s prompt", hint)
+            for i, ex in enumerate(examples)]
+
+
 def evaluate(model: Model, tokenizer, examples: list[dict], n: int = 1, max_new_tokens: int = 1024,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, thinking: bool = True,
              batch_size: int = 32, seed: Optional[int] = 0, progress: bool = False, return_responses: bool = False,
-             **score_kwargs) -> dict:
+             prompts: Optional[list[list[int]]] = None, **score_kwargs) -> dict:
     """
     Held-out scores of a model: render each example's prompt with the chat template (generation prompt,
     thinking or not), sample n responses per example (batch_size prompts per generate call, prompts sorted by
@@ -457,13 +478,14 @@ def evaluate(model: Model, tokenizer, examples: list[dict], n: int = 1, max_new_
     it). Returns its result (per-domain pass@1 / avg@n ...), plus "generation": the share of responses cut off
     at max_new_tokens, their mean length and the sampling settings (and "responses", the texts per example, with
     return_responses=True). The stage scripts import this for their held-out evaluations;
-    `python sample.py --ckpt DIR --eval FILE` is its command line.
+    `python sample.py --ckpt DIR --eval FILE` is its command line. prompts: the examples' encode_prompts ids,
+    if already made; otherwise they are made here, and one longer than the model's context is refused before
+    anything is generated.
     """
     import tasks
-    from tokenizer import encode_prompt
 
-    prompts = [encode_prompt(tokenizer, tasks.prompt_messages(ex), tools=ex.get("tools"), thinking=thinking)
-               for ex in examples]
+    if prompts is None:
+        prompts = encode_prompts(tokenizer, examples, thinking, model.config.max_position_embeddings, max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     responses: list[list[str]] = [[] for _ in examples]
     n_tokens, n_cut = 0, 0
@@ -562,13 +584,13 @@ def _pick_dtype(name, device):
 def _reply(model, tokenizer, messages, args, thinking, seed=None):
     """Stream one assistant turn; return its text (stop token dropped) and the completion."""
     from tokenizer import encode_prompt
-    prompt = _fit_context(encode_prompt(tokenizer, messages, thinking=thinking), args)
-    if len(prompt) > 4096:
-        print(f"[prefilling {len(prompt)} prompt tokens]", file=sys.stderr, flush=True)
+    prompt = fit_context(encode_prompt(tokenizer, messages, thinking=thinking), args.context, args.max_new_tokens,
+                         args.long_prompt)
     streamer = _Streamer(tokenizer, thinking, tokenizer.stop_token_ids)
     t0 = time.perf_counter()
     c = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                 top_k=args.top_k, stop_token_ids=tokenizer.stop_token_ids, seed=seed, on_step=streamer)[0]
+                 top_k=args.top_k, stop_token_ids=tokenizer.stop_token_ids, seed=seed, on_step=streamer,
+                 progress=True)[0]
     streamer.end()
     dt = time.perf_counter() - t0
     print(f"[{len(c.tokens)} tokens, {len(c.tokens) / dt:.1f} tokens/s, finish: {c.finish_reason}]",
@@ -576,21 +598,22 @@ def _reply(model, tokenizer, messages, args, thinking, seed=None):
     return response_text(tokenizer, c, thinking), c
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(common.ConfigError):
     pass
 
 
-def _fit_context(prompt, args):
-    """The prompt, if it and --max-new-tokens fit the model's context; else refused (PromptTooLong) or, with
-    --long-prompt cut, its oldest tokens dropped with a warning."""
-    room = args.context - args.max_new_tokens
+def fit_context(prompt, context, max_new_tokens, long_prompt="refuse", what="the prompt",
+                hint="shorten it, lower --max-new-tokens, or pass --long-prompt cut"):
+    """The prompt, if it and max_new_tokens fit the model's context; else refused (PromptTooLong, its message
+    ending with `hint`) or, with long_prompt "cut", its oldest tokens dropped with a warning."""
+    room = context - max_new_tokens
     if len(prompt) <= room:
         return prompt
-    what = (f"the prompt has {len(prompt)} tokens; with --max-new-tokens {args.max_new_tokens} the model's context "
-            f"of {args.context} leaves room for {max(room, 0)}")
-    if args.long_prompt == "refuse" or room < 1:
-        raise PromptTooLong(f"{what}: shorten it, lower --max-new-tokens, or pass --long-prompt cut")
-    print(f"warning: {what}; cutting its first {len(prompt) - room} tokens", file=sys.stderr, flush=True)
+    why = (f"{what} has {len(prompt)} tokens; with {max_new_tokens} new tokens the model's context "
+           f"of {context} leaves room for {max(room, 0)}")
+    if long_prompt == "refuse" or room < 1:
+        raise PromptTooLong(f"{why}: {hint}")
+    print(f"warning: {why}; cutting its first {len(prompt) - room} tokens", file=sys.stderr, flush=True)
     return prompt[-room:]
 
 
@@ -677,7 +700,6 @@ def main(argv=None):
         args.seed = None
 
     # every argument, the checkpoint's config, the eval file and --out are checked before the model loads
-    import common
     from model import ModelConfig, safetensors_shards
     from tokenizer import load_tokenizer
     for name, value, lowest in (("--n", args.n, 1), ("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
@@ -699,14 +721,18 @@ def main(argv=None):
         examples = common.load_eval_examples(args.eval, "--eval", limit=args.limit) if args.eval else None
         if args.eval and args.out and (why := common.writable_file(args.out)):
             raise ValueError(f"--out {args.out}: {why}")
+        tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
+        args.context = config.max_position_embeddings
+        prompts = (encode_prompts(tokenizer, examples, not args.no_think, args.context, args.max_new_tokens,
+                                  args.long_prompt, f"--eval {args.eval}",
+                                  "shorten it, lower --max-new-tokens, or pass --long-prompt cut")
+                   if args.eval else None)
     except (OSError, ValueError) as e:
         ap.error(str(e))
-    args.context = config.max_position_embeddings
 
     device = _pick_device(args.device)
     try:
         model = Model.from_pretrained(args.ckpt, dtype=_pick_dtype(args.dtype, device), device=device).eval()
-        tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
     except (OSError, ValueError) as e:
         ap.error(str(e))
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -720,7 +746,7 @@ def main(argv=None):
         result = evaluate(model, tokenizer, examples, n=args.n, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           thinking=not args.no_think, batch_size=args.batch_size, seed=args.seed, progress=True,
-                          return_responses=args.save_responses)
+                          return_responses=args.save_responses, prompts=prompts)
         print(tasks.format_score_table(result))
         g = result["generation"]
         print(f"{len(examples)} examples x {args.n}: {g['mean_tokens']:.0f} tokens per response, "

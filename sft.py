@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import sample
 import tasks
 from model import Model, ModelConfig
 from tokenizer import encode_chat, load_tokenizer
@@ -336,6 +337,10 @@ def main(cfg: SFTConfig):
     if tokenizer.vocab_size > model_config.vocab_size:
         raise common.ConfigError(f"--tokenizer {cfg.tokenizer or cfg.model} has {tokenizer.vocab_size} tokens but "
                                  f"the model's vocab_size is {model_config.vocab_size}")
+    if eval_examples:                       # the final score's prompts fit the context (checked before training)
+        sample.encode_prompts(tokenizer, eval_examples, cfg.thinking, model_config.max_position_embeddings,
+                              cfg.eval_max_new_tokens, source=f"--eval_data {cfg.eval_data}",
+                              hint="shorten it or lower --eval_max_new_tokens")
 
     # data: hold out a validation slice of each source, tokenize, pack (or memory-map the cached rows)
     train, val, mix = build_rows(cfg, tokenizer, d)
@@ -447,7 +452,6 @@ def main(cfg: SFTConfig):
 def score_export(export_dir, examples, max_new_tokens, thinking, out_json, device, seed):
     """Greedy per-domain pass@1 of an exported checkpoint on held-out examples (common.load_eval_examples);
     prints the table, writes JSON whole or not at all."""
-    import sample
     model = Model.from_pretrained(export_dir, dtype=torch.float32, device=device).eval()
     tok = load_tokenizer(export_dir)
     print(f"sft: scoring {export_dir} on {len(examples)} held-out examples", flush=True)

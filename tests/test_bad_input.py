@@ -67,6 +67,9 @@ def good(tmp_path_factory):
     (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in one_each))
     (d / "eval_unknown.jsonl").write_text(json.dumps(dict(one_each[0], domain="chemistry")) + "\n")
     (d / "eval_empty.jsonl").write_text("")
+    long_one = json.loads(json.dumps(one_each[1]))                 # its prompt alone outgrows the 512-token context
+    long_one["messages"][-1]["content"] += " word" * 600
+    (d / "eval_long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [one_each[0], long_one]))
     (d / "a_file").write_text("not a directory")
 
     run = d / "run"
@@ -136,6 +139,8 @@ SFT_CASES = [
     ("out_dir_is_a_file", dict(out_dir="{d}/a_file"), ["--out_dir", "not a directory"]),
     ("eval_unknown_domain", dict(eval_data="{d}/eval_unknown.jsonl"), ["--eval_data", "chemistry"]),
     ("eval_empty_file", dict(eval_data="{d}/eval_empty.jsonl"), ["--eval_data", "no examples"]),
+    ("eval_prompt_longer_than_context", dict(eval_data="{d}/eval_long.jsonl"),
+     ["--eval_data", "example 1", "context of 512", "--eval_max_new_tokens"]),
     ("row_invalid_character", dict(train_data="{d}/bad_char.jsonl"), ["bad_char.jsonl:4", "invalid character"]),
     ("row_without_messages", dict(train_data="{d}/no_messages.jsonl"), ["no_messages.jsonl:6", "messages"]),
     ("out_dir_of_another_model", dict(model="{d}/other_model.json"), ["another model", "hidden_size"]),
@@ -246,6 +251,8 @@ SAMPLE_CASES = [
     ("eval_unknown_domain", ["--eval", "{d}/eval_unknown.jsonl"], ["--eval", "chemistry"]),
     ("eval_empty_file", ["--eval", "{d}/eval_empty.jsonl"], ["--eval", "no examples"]),
     ("eval_missing_file", ["--eval", "{d}/evall.jsonl"], ["evall.jsonl"]),
+    ("eval_prompt_longer_than_context", ["--eval", "{d}/eval_long.jsonl", "--max-new-tokens", "4"],
+     ["--eval {d}/eval_long.jsonl: example 1", "context of 512", "--long-prompt cut"]),
     ("out_not_writable", ["--eval", "{d}/eval.jsonl", "--out", "{d}/a_file/scores.json"], ["--out", "a_file"]),
     ("out_is_a_directory", ["--eval", "{d}/eval.jsonl", "--out", "{d}"], ["--out", "is a directory"]),
     ("tokenizer_missing", ["--tokenizer", "{d}/tok.json"], ["--tokenizer", "tok.json"]),
@@ -283,6 +290,11 @@ def test_sample_refuses_or_cuts_a_prompt_longer_than_the_context(good, capsys):
     sample.main(base + ["--long-prompt", "cut"])
     err = capsys.readouterr().err
     assert "warning:" in err and "cutting its first" in err and "finish:" in err
+    out = good["d"] / "long_scores.json"                 # an --eval file: its long example is cut, then scored
+    result = sample.main(["--ckpt", str(good["export"]), "--eval", str(good["d"] / "eval_long.jsonl"), "--out",
+                          str(out), "--max-new-tokens", "2", "--device", "cpu", "--long-prompt", "cut"])
+    err = capsys.readouterr().err
+    assert "example 1" in err and "cutting its first" in err and len(result["rewards"]) == 2 and out.exists()
 
 
 # -- the real scripts, as a user runs them ------------------------------------------------------------------------
@@ -370,3 +382,18 @@ def test_if_verifiers_refuse_negative_counts(tmp_path):
     (tmp_path / "if.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(tasks.ExampleError, match=r"if.jsonl:1.*let_frequency=-2"):
         tasks.load_examples(str(tmp_path / "if.jsonl"))
+
+
+def test_run_main_frees_the_out_dir_when_the_stage_fails(tmp_path):
+    """A stage that took its out_dir and then found bad input exits 2 and leaves the out_dir free (in a process
+    that lives on, the next run into it would otherwise be told the directory is busy, by this very process)."""
+    def stage(out_dir):
+        common.claim_out_dir(out_dir, "sft")
+        raise common.ConfigError("--train_data: a bad row")
+    with pytest.raises(SystemExit) as e:
+        common.run_main(stage, tmp_path / "run")
+    assert e.value.code == 2
+    other = subprocess.run([sys.executable, "-c", "import common, sys; common.claim_out_dir(sys.argv[1], 'sft')",
+                            str(tmp_path / "run")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                           capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr         # else: "in use by pid <this process>"

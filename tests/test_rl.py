@@ -353,8 +353,12 @@ def test_named_errors(toy_run_dir, tmp_path):
         run_rl(root, "err2", config=tmp_path / "p.json")
     bad(max_new_tokens=300)                              # the toy model's context is 262144; make a small one
     small = toy_export(tmp_path / "short", {4: 0.0}, max_position_embeddings=64)
-    with pytest.raises(ValueError, match="prompt 0 of domain 'if' has .* exceeds the model's context of 64"):
+    with pytest.raises(ValueError, match=r"--eval_data .*: example 0 \(if\)'s prompt has \d+ tokens; with 96 new "
+                                         "tokens the model's context of 64"):           # the held-out set, first
         run_rl(root, "err3", config=tmp_path / "p.json", init=small)
+    with pytest.raises(ValueError, match=r"--train_data .*, domain 'if': example 0 \(if\)'s prompt has \d+ tokens; "
+                                         "with 300 new tokens the model's context of 64"):
+        run_rl(root, "err3", config=tmp_path / "p.json", init=small, eval_max_new_tokens=8)
     big = toy_export(tmp_path / "big", {4: 0.0}, vocab_size=1024)       # the shipped tokenizer has 2048 ids
     with pytest.raises(ValueError, match="tokenizer has 2048 tokens but the model's vocab_size is 1024"):
         run_rl(root, "err4", init=big)

@@ -243,10 +243,8 @@ def test_evaluate_and_eval_cli(ckpt, tmp_path):
 def test_evaluate_maps_responses_back_to_their_examples(ckpt, monkeypatch):
     """evaluate sorts prompts by length and batches them; each response must still be graded against its own
     example. A fake generate answers every prompt correctly (thinking and non-thinking), so all must score 1."""
-    tasks = pytest.importorskip("tasks")
-    if not hasattr(tasks, "score_responses"):
-        pytest.skip("tasks.score_responses not there yet")
     import re
+    from types import SimpleNamespace
 
     import sample
     from tokenizer import load_tokenizer
@@ -266,18 +264,21 @@ def test_evaluate_maps_responses_back_to_their_examples(ckpt, monkeypatch):
     examples = [{"domain": "math", "messages": [{"role": "user", "content": f"What is {a}+{a}?"}], "answer": str(2 * a)}
                 for a in (123456789, 7, 4242, 31)]
     for thinking in (True, False):
-        result = sample.evaluate(None, tok, examples, n=2, batch_size=3, thinking=thinking, return_responses=True)
+        no_model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))  # prompts are checked on it
+        result = sample.evaluate(no_model, tok, examples, n=2, batch_size=3, thinking=thinking, return_responses=True)
         assert result["all"]["pass@1"] == 1.0 and result["all"]["avg@k"] == 1.0, result["responses"]
         assert result["responses"][1][0].startswith("<think>\n" if thinking else "<think></think>")
         assert "<|im_end|>" not in result["responses"][1][0]
 
 
-def test_chunked_prefill_matches_one_prefill(model):
+def test_chunked_prefill_matches_one_prefill(model, capsys):
     """Long prompts are prefilled in pieces (left padding lands in the first pieces, some of them all padding)."""
     whole = generate(model, PROMPTS, 6, temperature=1.0, seed=9, stop_token_ids=[], prefill_chunk=0, raw_logprobs=True)
     for chunk in (4, 7):
         parts = generate(model, PROMPTS, 6, temperature=1.0, seed=9, stop_token_ids=[], prefill_chunk=chunk,
-                         raw_logprobs=True)
+                         raw_logprobs=True, progress=True)
+        L = max(map(len, PROMPTS))                # a long prefill shows its progress, chunk by chunk
+        assert f"prefill {L} tokens" in capsys.readouterr().err
         assert [c.tokens for c in parts] == [c.tokens for c in whole]
         for a, b in zip(parts, whole):
             torch.testing.assert_close(torch.tensor(a.raw_logprobs), torch.tensor(b.raw_logprobs), atol=1e-4, rtol=0)
