@@ -53,7 +53,7 @@ class SFTConfig:
     seq_len: int = 512  # tokens per packed row
     micro_batch: int = 8  # rows per process per forward/backward
     global_batch: int = 8  # rows per optimizer step, across processes and accumulation
-    epochs: float = 2.0  # passes over the data (paper: about 1.5)
+    epochs: float = 3.0  # passes over the data (paper: about 1.5; the tiny model learns from scratch)
     max_steps: int = 0  # stop after this many steps (0 = from epochs)
     # optimizer (paper: lr 5e-5 -> 5e-6 cosine, 200 warmup steps, betas (0.9, 0.98), wd 0.1, global batch 64)
     lr: float = 3e-3  # peak learning rate (high: the tiny default learns from scratch)

@@ -4,17 +4,18 @@ Generates the shipped tiny tasks and the tiny tokenizer:
     data/sft.jsonl   prompts with a thinking-mode answer:  <think>\\nshort trace\\n</think>\\nanswer (or a tool call)
     data/rl.jsonl    prompts only (RL and MOPD sample their own answers)
     data/eval.jsonl  held-out prompts only, for evaluation
-    data/tokenizer.json  byte-level BPE, 2048 tokens, trained on the rendered SFT conversations
+    data/tokenizer.json  byte-level BPE, 2048 tokens, trained on the rendered SFT conversations (with
+                         --train-tokenizer; by default the shipped one is kept and the lengths checked)
 
 Six domains, one "domain" field per row (the schema of tasks/). Each is small enough for a few-million-parameter
 model to learn on a CPU in minutes (a 256-token context; 512 for tool, whose prompt carries the tool specs), and
 has a knob that keeps some of it out of reach after SFT, which is what RL is for:
 
-    math  arithmetic word problems; the answer in \\boxed{}; one or two steps, numbers up to three digits
+    math  arithmetic word problems; the answer in \\boxed{}; one or two steps on one-digit numbers (the times table)
     if    "write a sentence about X" under one or two IFEval constraints (case, ending phrase, keyword, word or
           sentence count, JSON, no comma, quotation, title, postscript, forbidden word, first / last word)
-    mcqa  four-option questions over a fixed synthetic fact base; the relevant facts and two distractors are in
-          the prompt; the letter in \\boxed{}
+    mcqa  four-option questions over a fixed synthetic fact base (12 people: city, pet, color, food); the relevant
+          facts and two distractors are in the prompt; the letter in \\boxed{}
     json  an object following a small schema (2-4 fields drawn from a kind's fields) with values from the prompt;
           half the prompts also give a detail the schema has no field for (the strict schema forbids it)
     code  tiny stdin -> stdout Python programs (sum, max, reverse, count, ...), with a parameter (an offset, a
@@ -42,9 +43,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import tasks  # noqa: E402
 
-COUNTS = {"sft": 1000, "rl": 400, "eval": 100}  # per domain
-CODE_COUNTS = {"sft": 600, "rl": 200, "eval": 100}  # code has fewer distinct problems (family x parameter)
-TOOL_COUNTS = {"sft": 700, "rl": 400, "eval": 100}  # tool examples are 3-4 times longer (the tools in the prompt)
+COUNTS = {"sft": 1000, "rl": 400, "eval": 100}  # per domain, except:
+DOMAIN_COUNTS = {
+    "code": {"sft": 250, "rl": 200, "eval": 100},  # fewer distinct problems (family x parameter), learnt fastest
+    "json": {"sft": 500, "rl": 400, "eval": 100},  # learnt fast too: fewer SFT rows keep it below the ceiling
+    "tool": {"sft": 700, "rl": 400, "eval": 100},  # examples 3-4 times longer (the tools in the prompt)
+}
+
+
+def split_counts(domain):
+    return DOMAIN_COUNTS.get(domain, COUNTS)
 
 # -----------------------------------------------------------------------------
 # math: arithmetic word problems
@@ -59,25 +67,25 @@ def make_math(rng):
     item = rng.choice(ITEMS)
     kind = rng.choice(["add", "add", "sub", "sub", "mul", "div", "two_step"])
     if kind == "add":
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         q = f"{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?"
         trace, answer = f"{a} + {b} = {a + b}", a + b
     elif kind == "sub":
-        a = rng.randint(10, 150)
-        b = rng.randint(1, a - 1)
+        a = rng.randint(3, 18)
+        b = rng.randint(1, min(a - 1, 9))
         q = f"{name} had {a} {item}s and gave {b} to {other}. How many {item}s does {name} have left?"
         trace, answer = f"{a} - {b} = {a - b}", a - b
     elif kind == "mul":
-        a, b = rng.randint(2, 12), rng.randint(2, 15)
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
         q = f"{name} buys {a} bags with {b} {item}s in each bag. How many {item}s is that in total?"
         trace, answer = f"{a} * {b} = {a * b}", a * b
     elif kind == "div":
-        b, each = rng.randint(2, 9), rng.randint(2, 12)
+        b, each = rng.randint(2, 9), rng.randint(2, 9)
         q = f"{name} shares {b * each} {item}s equally among {b} friends. How many {item}s does each friend get?"
         trace, answer = f"{b * each} / {b} = {each}", each
     else:
-        a, b = rng.randint(5, 60), rng.randint(2, 40)
-        c = rng.randint(1, a + b - 1)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        c = rng.randint(1, min(a + b - 1, 9))
         q = (f"{name} has {a} {item}s, buys {b} more and then gives {c} to {other}. "
              f"How many {item}s does {name} have now?")
         trace, answer = f"{a} + {b} = {a + b}\n{a + b} - {c} = {a + b - c}", a + b - c
@@ -232,44 +240,34 @@ def make_if(rng):
 
 
 # -----------------------------------------------------------------------------
-# mcqa: questions over a fixed synthetic fact base, with the relevant facts in the prompt
-
-def _invented_names(rng, count, syllables=("ka", "lo", "mi", "ra", "ten", "vor", "su", "bel", "dun", "pi", "os",
-                                           "ar", "el", "mor", "tis", "nu", "ga", "zel")):
-    names = set()
-    while len(names) < count:
-        names.add("".join(rng.choice(syllables) for _ in range(rng.choice([2, 3]))).capitalize())
-    return sorted(names)
-
+# mcqa: questions over a fixed synthetic fact base, with the relevant facts in the prompt. Every person and every
+# value is one token of the tiny tokenizer (with invented multi-token names the tiny model never even named the
+# right fact); it still answers near chance after SFT, since it cannot yet copy from its prompt (README).
 
 def build_fact_base(seed):
     rng = random.Random(seed + 1000)
-    countries = _invented_names(rng, 40)
-    values = {"capital": _invented_names(rng, 60), "river": _invented_names(rng, 60),
+    people = sorted(rng.sample(NAMES, 12))
+    values = {"city": CITIES,
               "animal": ["fox", "owl", "bear", "wolf", "crane", "lynx", "otter", "hare", "eagle", "seal", "heron", "boar"],
               "color": ["red", "green", "blue", "gold", "white", "black", "purple", "orange", "silver", "brown"],
               "food": ["rice", "bread", "fish", "beans", "cheese", "noodles", "soup", "corn", "plums", "honey"]}
-    values["capital"] = [v for v in values["capital"] if v not in countries]
-    values["river"] = [v for v in values["river"] if v not in countries + values["capital"]]
-    facts = {c: {rel: rng.choice(vals) for rel, vals in values.items()} for c in countries}
+    facts = {p: {rel: rng.choice(vals) for rel, vals in values.items()} for p in people}
     return facts, values
 
 
-RELATION_TEXT = {"capital": "the capital of {} is {}", "river": "the main river of {} is {}",
-                 "animal": "the national animal of {} is the {}", "color": "the flag color of {} is {}",
-                 "food": "the favorite food of {} is {}"}
-QUESTION_TEXT = {"capital": "What is the capital of {}?", "river": "What is the main river of {}?",
-                 "animal": "What is the national animal of {}?", "color": "What is the flag color of {}?",
-                 "food": "What is the favorite food of {}?"}
+RELATION_TEXT = {"city": "{} lives in {}", "animal": "{} has a pet {}",
+                 "color": "the favorite color of {} is {}", "food": "the favorite food of {} is {}"}
+QUESTION_TEXT = {"city": "Where does {} live?", "animal": "Which pet does {} have?",
+                 "color": "What is the favorite color of {}?", "food": "What is the favorite food of {}?"}
 
 
 def make_mcqa(rng, fact_base):
     facts, values = fact_base
-    country, other = rng.sample(sorted(facts), 2)
+    person, other = rng.sample(sorted(facts), 2)
     relation = rng.choice(sorted(RELATION_TEXT))
     other_relation = rng.choice([r for r in RELATION_TEXT if r != relation])
-    correct = facts[country][relation]
-    shown = [(country, relation), (other, relation), (country, other_relation)]
+    correct = facts[person][relation]
+    shown = [(person, relation), (other, relation), (person, other_relation)]
     rng.shuffle(shown)
     fact_text = " ".join(_upper_first(RELATION_TEXT[r].format(c, facts[c][r])) + "." for c, r in shown)
     distractors = [facts[other][relation]] + rng.sample(values[relation], 6)
@@ -278,10 +276,13 @@ def make_mcqa(rng, fact_base):
     letters = "ABCD"
     letter = letters[choices.index(correct)]
     options = [{letters[i]: choice} for i, choice in enumerate(choices)]
-    prompt = (f"Facts: {fact_text}\nQuestion: {QUESTION_TEXT[relation].format(country)}\n"
+    prompt = (f"Facts: {fact_text}\nQuestion: {QUESTION_TEXT[relation].format(person)}\n"
               + "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices)) + "\nAnswer with the letter in \\boxed{}.")
     example = {"domain": "mcqa", "messages": [{"role": "user", "content": prompt}], "answer": letter, "options": options}
-    trace = f"The facts say {RELATION_TEXT[relation].format(country, correct)}. {correct} is option {letter}."
+    # the trace restates the fact, then checks the options one by one against its value: looking up the letter
+    # written before a value in one step is what a tiny model that did find the value got wrong
+    checks = " ".join(f"{letters[i]}. {c}: {'yes' if c == correct else 'no'}." for i, c in enumerate(choices))
+    trace = f"The facts say {RELATION_TEXT[relation].format(person, correct)}. {checks}"
     return example, trace, f"The answer is \\boxed{{{letter}}}."
 
 
@@ -441,6 +442,14 @@ def make_code(rng):
 # tool: pick the right function from the offered tools and fill its arguments from the question (or answer in
 # prose when no offered tool fits); some SFT rows also show the tool's result and the final answer
 
+def _invented_names(rng, count, syllables=("ka", "lo", "mi", "ra", "ten", "vor", "su", "bel", "dun", "pi", "os",
+                                           "ar", "el", "mor", "tis", "nu", "ga", "zel")):
+    names = set()
+    while len(names) < count:
+        names.add("".join(rng.choice(syllables) for _ in range(rng.choice([2, 3]))).capitalize())
+    return sorted(names)
+
+
 def _fn(name, description, properties, required):
     return {"type": "function", "function": {"name": name, "description": description, "parameters": {
         "type": "object", "properties": properties, "required": required}}}
@@ -568,7 +577,7 @@ def generate(seed: int):
               "json": make_json, "code": make_code, "tool": lambda r: make_tool(r, city_table)}
     splits = {name: [] for name in COUNTS}
     for domain, make in makers.items():
-        counts = {"code": CODE_COUNTS, "tool": TOOL_COUNTS}.get(domain, COUNTS)
+        counts = split_counts(domain)
         total = sum(counts.values())
         rng = random.Random(f"{seed}:{domain}")
         pool, seen, rejected, attempts = [], set(), 0, 0
@@ -639,6 +648,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "data"))
+    parser.add_argument("--train-tokenizer", action="store_true",
+                        help="train a new data/tokenizer.json on the SFT split (changes every token id: tests and "
+                             "checkpoints are made with the shipped one); default: keep it, check the lengths")
     args = parser.parse_args()
     out = Path(args.out)
     splits = generate(args.seed)
@@ -647,20 +659,18 @@ def main():
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"wrote {out / name}.jsonl: {len(rows)} rows, {(out / f'{name}.jsonl').stat().st_size / 1e6:.2f} MB")
-    train_tokenizer(splits, out)
+    check_lengths(splits, out, train=args.train_tokenizer)
 
 
-def train_tokenizer(splits, out: Path):
-    """The tiny BPE on the rendered SFT conversations, then the length of every example in its tokens."""
-    try:
-        from tokenizer import render_chat, train_bpe
-    except ImportError:
-        print("tokenizer.py not found: data/tokenizer.json not written")
-        return
-    texts = [render_chat(e["messages"], tools=e.get("tools")) for e in splits["sft"]]
-    tok = train_bpe(texts, vocab_size=2048)
-    tok.save(out / "tokenizer.json")
-    print(f"wrote {out / 'tokenizer.json'}: {tok.vocab_size} tokens")
+def check_lengths(splits, out: Path, train=False):
+    """With train: the tiny BPE on the rendered SFT conversations, written to out/tokenizer.json; either way the
+    length of every example in the tokenizer's tokens, which must fit the tiny context."""
+    from tokenizer import load_tokenizer, render_chat, train_bpe
+    if train:
+        texts = [render_chat(e["messages"], tools=e.get("tools")) for e in splits["sft"]]
+        train_bpe(texts, vocab_size=2048).save(out / "tokenizer.json")
+        print(f"wrote {out / 'tokenizer.json'}")
+    tok = load_tokenizer(out / "tokenizer.json" if (out / "tokenizer.json").exists() else ROOT / "data" / "tokenizer.json")
     for name, rows in splits.items():
         for domain in sorted({e["domain"] for e in rows}):
             lengths = sorted(len(tok.encode(render_chat(e["messages"], tools=e.get("tools"),

@@ -348,7 +348,7 @@ def test_generator_is_deterministic_and_matches_the_shipped_files(shipped):
                          ("mcqa", lambda r: generate.make_mcqa(r, fact_base)),
                          ("tool", lambda r: generate.make_tool(r, city_table))):
         rng, prompts = random.Random(f"0:{domain}"), []
-        while len(prompts) < (generate.TOOL_COUNTS if domain == "tool" else generate.COUNTS)["sft"]:
+        while len(prompts) < generate.split_counts(domain)["sft"]:
             prompt = make(rng)[0]["messages"][0]["content"]
             if prompt not in prompts:
                 prompts.append(prompt)
