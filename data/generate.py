@@ -645,9 +645,10 @@ def verify_code(pool):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "data"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every domain's generator and of the fact tables")
+    parser.add_argument("--out", default=str(ROOT / "data"), help="directory the three splits are written to")
     parser.add_argument("--train-tokenizer", action="store_true",
                         help="train a new data/tokenizer.json on the SFT split (changes every token id: tests and "
                              "checkpoints are made with the shipped one); default: keep it, check the lengths")
