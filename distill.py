@@ -168,7 +168,8 @@ def main(cfg: MOPDConfig):
         return cascade
     student_dir = cfg.student or [r for r in cascade["rows"] if r["name"] != "mopd"][-1]["checkpoint"]
     tokenizer = load_tokenizer(student_dir)
-    common.check_tokenizer(tokenizer, Model.config_from_pretrained(student_dir), f"student {student_dir}")
+    student_config = Model.config_from_pretrained(student_dir)
+    common.check_tokenizer(tokenizer, student_config, f"student {student_dir}")
     train_examples = tasks.load_examples(cfg.train_data, verbose=d.is_main)
     have = {ex["domain"] for ex in train_examples}
     domains = list(cfg.domains) or [dom for dom in cascade["domains"] if dom in have]
@@ -186,9 +187,9 @@ def main(cfg: MOPDConfig):
     ev = cascade.get("evaluation") or dict(data="data/eval.jsonl", per_domain=30, max_new_tokens=80, thinking=True)
     eval_examples = common.load_eval_examples(ev["data"], option=f"{cfg.cascade} evaluation.data",
                                               per_domain=ev["per_domain"])
-    sample.encode_prompts(tokenizer, eval_examples, ev["thinking"], Model.config_from_pretrained(student_dir)
-                          .max_position_embeddings, ev["max_new_tokens"], source=f"{cfg.cascade} evaluation.data "
-                          f"{ev['data']}", hint="shorten it or lower the evaluation's max_new_tokens")
+    sample.encode_prompts(tokenizer, eval_examples, ev["thinking"], student_config.max_position_embeddings,
+                          ev["max_new_tokens"], source=f"{cfg.cascade} evaluation.data {ev['data']}",
+                          hint="shorten it or lower the evaluation's max_new_tokens")
     chosen = pick_teachers(cascade, domains, cfg.teachers, cfg.cascade)
     if d.is_main:
         for dom, (name, path, score) in chosen.items():
@@ -197,7 +198,7 @@ def main(cfg: MOPDConfig):
     teachers = load_teachers(chosen, tokenizer, student_dir, d, cfg)
     teacher_of = {dom: teachers[path] for dom, (_, path, _) in chosen.items()}
 
-    common.claim_out_dir(cfg.out_dir, "mopd", Model.config_from_pretrained(student_dir))   # one run at a time
+    common.claim_out_dir(cfg.out_dir, "mopd", student_config)   # one run at a time
     model = common.load_policy(student_dir, d, cfg.bf16, cfg.activation_checkpointing)
     pools, prompt_ids = common.prompt_pools(train_examples, domains, tokenizer, cfg.thinking, cfg.max_new_tokens,
                                             model.config.max_position_embeddings, f"--train_data {cfg.train_data}")

@@ -332,7 +332,7 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, train_e
     # the stage's prompts, encoded once, with the named checks
     pools, prompt_ids = common.prompt_pools(train_examples, stage.domains, tokenizer, stage.thinking,
                                             stage.max_new_tokens, model.config.max_position_embeddings,
-                                            f"stage {stage.name!r}: --train_data {cfg.train_data}")
+                                            train_source(cfg, stage))
     weights = stage.weights or [1.0] * len(stage.domains)
     if d.is_main:
         sizes = ", ".join(f"{len(p)} {dom}" for p, dom in zip(pools, stage.domains))
@@ -471,15 +471,16 @@ def main(cfg: RLConfig, stages: list, source="preset"):
         raise common.ConfigError(f"--init {cfg.init}: not an HF export directory (config.json + safetensors); "
                                  "run sft.py first")
     tokenizer = load_tokenizer(cfg.init)
-    common.check_tokenizer(tokenizer, Model.config_from_pretrained(cfg.init), f"--init {cfg.init}")
+    init_config = Model.config_from_pretrained(cfg.init)
+    common.check_tokenizer(tokenizer, init_config, f"--init {cfg.init}")
     train_examples = tasks.load_examples(cfg.train_data, verbose=d.is_main)
     eval_examples = common.load_eval_examples(cfg.eval_data, per_domain=cfg.eval_per_domain)
-    context = Model.config_from_pretrained(cfg.init).max_position_embeddings
+    context = init_config.max_position_embeddings
     sample.encode_prompts(tokenizer, eval_examples, cfg.eval_thinking, context, cfg.eval_max_new_tokens,
                           source=f"--eval_data {cfg.eval_data}", hint="shorten it or lower --eval_max_new_tokens")
     for stage in stages:                     # every stage's prompts fit the context, before any model loads
         common.prompt_pools(train_examples, stage.domains, tokenizer, stage.thinking, stage.max_new_tokens, context,
-                            f"--train_data {cfg.train_data}")
+                            train_source(cfg, stage))
     evaluation = dict(data=cfg.eval_data, per_domain=cfg.eval_per_domain, max_new_tokens=cfg.eval_max_new_tokens,
                       thinking=cfg.eval_thinking, greedy=True)
     common.check_evaluation(common.read_cascade(cascade_path), evaluation, cascade_path)
@@ -523,6 +524,11 @@ def main(cfg: RLConfig, stages: list, source="preset"):
             break
     common.close_dist()
     return common.read_cascade(cascade_path)
+
+
+def train_source(cfg, stage):
+    """How errors name a stage's training prompts (the same up front and when the stage runs)."""
+    return f"stage {stage.name!r}: --train_data {cfg.train_data}"
 
 
 def fmt(scores):

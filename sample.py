@@ -602,8 +602,11 @@ class PromptTooLong(common.ConfigError):
     pass
 
 
+CLI_LONG_PROMPT_HINT = "shorten it, lower --max-new-tokens, or pass --long-prompt cut"
+
+
 def fit_context(prompt, context, max_new_tokens, long_prompt="refuse", what="the prompt",
-                hint="shorten it, lower --max-new-tokens, or pass --long-prompt cut"):
+                hint=CLI_LONG_PROMPT_HINT):
     """The prompt, if it and max_new_tokens fit the model's context; else refused (PromptTooLong, its message
     ending with `hint`) or, with long_prompt "cut", its oldest tokens dropped with a warning."""
     room = context - max_new_tokens
@@ -724,8 +727,7 @@ def main(argv=None):
         tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
         args.context = config.max_position_embeddings
         prompts = (encode_prompts(tokenizer, examples, not args.no_think, args.context, args.max_new_tokens,
-                                  args.long_prompt, f"--eval {args.eval}",
-                                  "shorten it, lower --max-new-tokens, or pass --long-prompt cut")
+                                  args.long_prompt, f"--eval {args.eval}", CLI_LONG_PROMPT_HINT)
                    if args.eval else None)
     except (OSError, ValueError) as e:
         ap.error(str(e))
