@@ -478,9 +478,10 @@ def main(cfg: RLConfig, stages: list, source="preset"):
     context = init_config.max_position_embeddings
     sample.encode_prompts(tokenizer, eval_examples, cfg.eval_thinking, context, cfg.eval_max_new_tokens,
                           source=f"--eval_data {cfg.eval_data}", hint="shorten it or lower --eval_max_new_tokens")
-    for stage in stages:                     # every stage's prompts fit the context, before any model loads
-        common.prompt_pools(train_examples, stage.domains, tokenizer, stage.thinking, stage.max_new_tokens, context,
-                            train_source(cfg, stage))
+    for stage in stages:                     # every stage still to run: its prompts fit, before any model loads
+        if finished_row(cfg, stage, cascade_path) is None:
+            common.prompt_pools(train_examples, stage.domains, tokenizer, stage.thinking, stage.max_new_tokens,
+                                context, train_source(cfg, stage))
     evaluation = dict(data=cfg.eval_data, per_domain=cfg.eval_per_domain, max_new_tokens=cfg.eval_max_new_tokens,
                       thinking=cfg.eval_thinking, greedy=True)
     common.check_evaluation(common.read_cascade(cascade_path), evaluation, cascade_path)
@@ -499,12 +500,11 @@ def main(cfg: RLConfig, stages: list, source="preset"):
 
     start_from = cfg.init
     for index, stage in enumerate(stages):
-        export_dir = os.path.join(cfg.out_dir, stage.name, "export")
-        row = common.cascade_row(common.read_cascade(cascade_path), stage.name)
-        if row is not None and os.path.isfile(os.path.join(export_dir, "config.json")):
+        row = finished_row(cfg, stage, cascade_path)
+        if row is not None:
             if d.is_main:
                 print(f"rl[{stage.name}]: finished earlier ({fmt(row['scores'])}); skipping")
-            start_from = export_dir
+            start_from = os.path.join(cfg.out_dir, stage.name, "export")
             continue
         if cfg.only and stage.name not in cfg.only:
             raise common.ConfigError(f"--only {','.join(cfg.only)}: stage {stage.name!r} comes first and is not "
@@ -524,6 +524,13 @@ def main(cfg: RLConfig, stages: list, source="preset"):
             break
     common.close_dist()
     return common.read_cascade(cascade_path)
+
+
+def finished_row(cfg, stage, cascade_path):
+    """The stage's cascade.json row if the stage is finished (its row and its export are there), else None."""
+    row = common.cascade_row(common.read_cascade(cascade_path), stage.name)
+    export = os.path.join(cfg.out_dir, stage.name, "export", "config.json")
+    return row if row is not None and os.path.isfile(export) else None
 
 
 def train_source(cfg, stage):
