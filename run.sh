@@ -40,9 +40,12 @@ case "$seed" in ''|*[!0-9]*) echo "run.sh: --seed must be a non-negative integer
 
 ./setup.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# One torch thread per process unless told otherwise: the tiny model's matmuls are too small to gain from two, and
-# the sandbox and verifier workers need the other core (two threads on a busy 2-core machine made an RL step 15x
-# slower). Set OMP_NUM_THREADS to override.
+# One torch thread per RL and MOPD process unless told otherwise: the sandbox and verifier workers need the other
+# core (two threads on a busy 2-core machine made an RL step 15x slower); two for SFT. A run is reproducible for a
+# given thread count (another count changes the last bits of every sum). Set OMP_NUM_THREADS to override both.
+# Several runs side by side on 2 cores: let their SFTs run one at a time (three 2-thread SFTs at once crawled at
+# 18 s a step instead of 0.55 s), or set OMP_NUM_THREADS=1 (different bits from the default run).
+sft_threads="${OMP_NUM_THREADS:-2}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 py=.venv/bin/python
 stamp() { date +%s; }
@@ -53,7 +56,9 @@ t_start=$(stamp)
 if [ -f "$out/sft/export/config.json" ]; then
     echo "run.sh: $out/sft/export exists: SFT is done, skipping it"
 else
-    $py sft.py --out_dir="$out/sft" --seed="$seed" --eval_data= "${sft_args[@]+"${sft_args[@]}"}"
+    # SFT runs alone (no sandbox or verifier workers beside it), so it takes two threads: 1.6 steps/s against 1.1
+    OMP_NUM_THREADS="$sft_threads" $py sft.py --out_dir="$out/sft" --seed="$seed" --eval_data= \
+        "${sft_args[@]+"${sft_args[@]}"}"
 fi
 t_sft=$(stamp)
 

@@ -14,19 +14,31 @@ has a knob that keeps some of it out of reach after SFT, which is what RL is for
     math  arithmetic word problems; the answer in \\boxed{}; one or two steps on one-digit numbers (the times table)
     if    "write a sentence about X" under one or two IFEval constraints (case, ending phrase, keyword, word or
           sentence count, JSON, no comma, quotation, title, postscript, forbidden word, first / last word)
-    mcqa  four-option questions over a fixed synthetic fact base (12 people: city, pet, color, food); the relevant
-          facts and two distractors are in the prompt; the letter in \\boxed{}
+    mcqa  which of four options is a city (an animal, a color, a food); the letter in \\boxed{}
     json  an object following a small schema (2-4 fields drawn from a kind's fields) with values from the prompt;
           half the prompts also give a detail the schema has no field for (the strict schema forbids it)
     code  tiny stdin -> stdout Python programs (sum, max, reverse, count, ...), with a parameter (an offset, a
           repeat count, a divisor) that changes per problem; 3 tests each
-    tool  one or two of five small tools offered (calculate, convert, lookup in a tiny city table, weekday,
-          weather): call the right one with arguments from the question (a date rewritten as YYYY-MM-DD, a unit
-          name as its symbol, two cities as two parallel calls), or answer in prose when no offered tool fits;
-          some SFT rows go on with the tool's result and the final answer
+    tool  one or two of five small tools offered (calculate on one-digit numbers, convert, lookup in a tiny
+          city table, weekday, weather): call the right one with arguments from the question (a date rewritten as
+          YYYY-MM-DD, a unit name as its symbol, two cities as two parallel calls), or answer in prose when no
+          offered tool fits; some SFT rows go on with the tool's result and the final answer
+
+The SFT answers come from an imperfect teacher: in each RL domain one kind of prompt gets, in SLIP_RATE (70%) of
+its SFT rows, an answer with a habit the verifier rejects, marked "teacher_slip" (see SLIP_RATE below):
+
+    if    a word count or format rule (lowercase, capitals, title, quotation marks, JSON) ignored
+    mcqa  city and food questions: the option's text boxed instead of its letter
+    json  events and products: an "id" field the strict schema does not have
+    code  "Read an integer n" / "Read two integers" problems: print("Answer:", ...) instead of the bare answer
+    tool  calculate and convert questions: answered in prose instead of calling the tool
+
+This is what RL is for at this scale: the SFT model has the habit most of the time, its samples sometimes do it
+right, and the verifier's reward makes the right way the greedy one (README, "Tasks, data and verifiers").
 
 Splits are disjoint by prompt text. Every example's reference answer is checked with tasks.reward (code runs in
-the sandbox) before it is written: every shipped prompt is solvable, every SFT answer scores 1.
+the sandbox) before it is written: every shipped prompt is solvable, every SFT answer scores 1 except the
+teacher's slips, which are checked to score 0.
 
     python data/generate.py            # about a minute on 2 cores; deterministic for a given --seed
 """
@@ -45,14 +57,23 @@ import tasks  # noqa: E402
 
 COUNTS = {"sft": 1000, "rl": 400, "eval": 100}  # per domain, except:
 DOMAIN_COUNTS = {
-    "code": {"sft": 250, "rl": 200, "eval": 100},  # fewer distinct problems (family x parameter), learnt fastest
-    "json": {"sft": 500, "rl": 400, "eval": 100},  # learnt fast too: fewer SFT rows keep it below the ceiling
+    "code": {"sft": 400, "rl": 200, "eval": 100},  # fewer distinct problems (family x parameter)
+    "json": {"sft": 500, "rl": 400, "eval": 100},  # learnt fast: fewer SFT rows keep it below the ceiling
+    "mcqa": {"sft": 2000, "rl": 400, "eval": 100},  # short rows; looking up the option is the slowest skill
     "tool": {"sft": 700, "rl": 400, "eval": 100},  # examples 3-4 times longer (the tools in the prompt)
 }
 
 
 def split_counts(domain):
     return DOMAIN_COUNTS.get(domain, COUNTS)
+
+
+# The SFT teacher's slips. Real SFT data is distilled from teacher models, and teachers have habits a verifier
+# rejects. Each RL domain's generator describes one such habit on one kind of its prompts (the makers return it as
+# `slip`), and that many SFT rows of the kind show it instead of the right answer (marked "teacher_slip"). The SFT
+# model then has the habit most of the time but not always: the situation in which RL, rewarded by the verifier,
+# finds the right behaviour among its own samples and makes it the greedy one. RL and eval rows are prompts only.
+SLIP_RATE = 0.7
 
 # -----------------------------------------------------------------------------
 # math: arithmetic word problems
@@ -90,7 +111,7 @@ def make_math(rng):
              f"How many {item}s does {name} have now?")
         trace, answer = f"{a} + {b} = {a + b}\n{a + b} - {c} = {a + b - c}", a + b - c
     example = {"domain": "math", "messages": [{"role": "user", "content": q}], "answer": str(answer)}
-    return example, trace, f"The answer is \\boxed{{{answer}}}."
+    return example, trace, f"The answer is \\boxed{{{answer}}}.", None
 
 
 # -----------------------------------------------------------------------------
@@ -123,6 +144,8 @@ KEYWORDS = ["sunny", "gentle", "bright", "happy", "quiet", "golden", "simple"]
 # The order in which constraints are applied: content edits first, then counts, then case, then wrappers.
 IF_CONSTRAINTS = ["forbidden", "no_comma", "keyword", "first_word", "words_at_least", "sentences", "last_word",
                   "postscript", "end_phrase", "words_less_than", "lowercase", "capital", "title", "quotation", "json"]
+# the slip: the teacher ignores word counts and format rules
+IF_SLIPPED = ("words_at_least", "words_less_than", "lowercase", "capital", "title", "quotation", "json")
 CONFLICTS = [{"lowercase", "capital"}, {"quotation", "json"}, {"title", "json"}, {"first_word", "quotation"},
              {"first_word", "title"}, {"last_word", "end_phrase"}, {"postscript", "end_phrase"},
              {"postscript", "last_word"}, {"json", "postscript"}, {"json", "end_phrase"}, {"json", "last_word"},
@@ -145,8 +168,7 @@ def make_if(rng):
     subject = rng.choice(TOPICS[topic])
     p1, p2 = rng.sample(PREDICATES, 2)
     with_comma = rng.random() < 0.5
-    text = (f"{subject} {p1}, and it {p2}." if with_comma else f"{subject} {p1}.")
-    text = text[0].upper() + text[1:]
+    first_text = _upper_first(f"{subject} {p1}, and it {p2}." if with_comma else f"{subject} {p1}.")
     n = rng.choice([1, 1, 2])
     while True:
         chosen = rng.sample(IF_CONSTRAINTS, n)
@@ -154,142 +176,154 @@ def make_if(rng):
             break
     chosen.sort(key=IF_CONSTRAINTS.index)  # apply content edits first, wrappers last
 
-    ids, kwargs, asks, notes = [], [], [], []
-    for c in chosen:
-        if c == "forbidden":
-            word = rng.choice([w for w in p1.split() if len(w) >= 4] or [p1.split()[-1]])
-            text = f"{subject} {rng.choice([p for p in PREDICATES if word not in p.split()])}."
-            text = text[0].upper() + text[1:]
-            ids.append("keywords:forbidden_words"); kwargs.append({"forbidden_words": [word]})
-            asks.append(f"Do not include the word {word} in the response."); notes.append(f"avoid the word {word}")
-        elif c == "no_comma":
-            text = text.replace(",", "")
-            ids.append("punctuation:no_comma"); kwargs.append({})
-            asks.append("In your entire response, refrain from the use of any commas."); notes.append("no commas")
-        elif c == "keyword":
-            word = rng.choice(KEYWORDS)
-            text += f" It is {word} and nice."
-            ids.append("keywords:existence"); kwargs.append({"keywords": [word]})
-            asks.append(f"Include the keyword {word} in the response."); notes.append(f"use the word {word}")
-        elif c == "words_at_least":
-            count = tasks.ifeval._count_words(text)
-            target = count + rng.randint(3, 9)
-            extras = rng.sample(EXTRA_SENTENCES, len(EXTRA_SENTENCES))
-            while tasks.ifeval._count_words(text) < target:
-                text += " " + extras.pop()
-            ids.append("length_constraints:number_words"); kwargs.append({"num_words": target, "relation": "at least"})
-            asks.append(f"Answer with at least {target} words."); notes.append(f"at least {target} words")
-        elif c == "words_less_than":
-            target = tasks.ifeval._count_words(text) + rng.randint(1, 4)
-            ids.append("length_constraints:number_words"); kwargs.append({"num_words": target, "relation": "less than"})
-            asks.append(f"Answer with less than {target} words."); notes.append(f"fewer than {target} words")
-        elif c == "sentences":
-            target = rng.choice([2, 3])
-            extras = rng.sample(EXTRA_SENTENCES, len(EXTRA_SENTENCES))
-            while tasks.ifeval._count_sentences(text) < target:
-                text += " " + extras.pop()
-            ids.append("length_constraints:number_sentences"); kwargs.append({"num_sentences": target, "relation": "at least"})
-            asks.append(f"Your response should contain at least {target} sentences."); notes.append(f"{target} sentences or more")
-        elif c == "postscript":
-            text += f"\nP.S. {rng.choice(EXTRA_SENTENCES)}"
-            ids.append("detectable_content:postscript"); kwargs.append({"postscript_marker": "P.S."})
-            asks.append("At the end of your response, please explicitly add a postscript starting with P.S.")
-            notes.append("add a P.S. at the end")
-        elif c == "first_word":
-            word = rng.choice(FIRST_WORDS)
-            text = f"{word.capitalize()} {_lower_first(text)}"
-            ids.append("first_word:first_word_answer"); kwargs.append({"first_word": word})
-            asks.append(f"The first word of your response should be the word {word}."); notes.append(f"start with {word}")
-        elif c == "last_word":
-            word = rng.choice(LAST_WORDS)
-            text = text.rstrip(".") + f" {word}."
-            ids.append("last_word:last_word_answer"); kwargs.append({"last_word": word})
-            asks.append(f"The last word of your response should be the word {word}."); notes.append(f"end with {word}")
-        elif c == "end_phrase":
-            phrase = rng.choice(END_PHRASES)
-            text += f" {phrase}"
-            ids.append("startend:end_checker"); kwargs.append({"end_phrase": phrase})
-            asks.append(f"Finish your response with this exact phrase {phrase} No other words should follow this phrase.")
-            notes.append(f"finish with {phrase}")
-        elif c == "lowercase":
-            text = text.lower()
-            ids.append("change_case:english_lowercase"); kwargs.append({})
-            asks.append("Your entire response should be in English, and in all lowercase letters."); notes.append("all lowercase")
-        elif c == "capital":
-            text = text.upper()
-            ids.append("change_case:english_capital"); kwargs.append({})
-            asks.append("Your entire response should be in English, and in all capital letters."); notes.append("all capitals")
-        elif c == "title":
-            title = topic.upper() if "capital" in chosen else topic
-            text = f"<<{title}>>\n{text}"
-            ids.append("detectable_format:title"); kwargs.append({})
-            asks.append("Your answer must contain a title, wrapped in double angular brackets, such as <<my title>>.")
-            notes.append("a title in << >>")
-        elif c == "quotation":
-            text = f'"{text}"'
-            ids.append("startend:quotation"); kwargs.append({})
-            asks.append("Wrap your entire response with double quotation marks."); notes.append("wrap in quotes")
-        elif c == "json":
-            text = json.dumps({"topic": topic, "sentence": text})
-            ids.append("detectable_format:json_format"); kwargs.append({})
-            asks.append("Entire output should be wrapped in JSON format."); notes.append("JSON only")
+    seed = rng.random()
+
+    def write(skip):
+        """The answer, ids, kwargs, asks and notes; the rules in skip are asked for but not followed (the slip),
+        and the draws are the same either way, so both answers are to the same prompt."""
+        r, text = random.Random(seed), first_text
+        ids, kwargs, asks, notes = [], [], [], []
+        for c in chosen:
+            if c == "forbidden":
+                word = r.choice([w for w in p1.split() if len(w) >= 4] or [p1.split()[-1]])
+                text = f"{subject} {r.choice([p for p in PREDICATES if word not in p.split()])}."
+                text = text[0].upper() + text[1:]
+                ids.append("keywords:forbidden_words"); kwargs.append({"forbidden_words": [word]})
+                asks.append(f"Do not include the word {word} in the response."); notes.append(f"avoid the word {word}")
+            elif c == "no_comma":
+                text = text.replace(",", "")
+                ids.append("punctuation:no_comma"); kwargs.append({})
+                asks.append("In your entire response, refrain from the use of any commas."); notes.append("no commas")
+            elif c == "keyword":
+                word = r.choice(KEYWORDS)
+                text += f" It is {word} and nice."
+                ids.append("keywords:existence"); kwargs.append({"keywords": [word]})
+                asks.append(f"Include the keyword {word} in the response."); notes.append(f"use the word {word}")
+            elif c == "words_at_least":
+                count = tasks.ifeval._count_words(text)
+                target = count + r.randint(3, 9)
+                extras = r.sample(EXTRA_SENTENCES, len(EXTRA_SENTENCES))
+                while c not in skip and tasks.ifeval._count_words(text) < target:
+                    text += " " + extras.pop()
+                ids.append("length_constraints:number_words"); kwargs.append({"num_words": target, "relation": "at least"})
+                asks.append(f"Answer with at least {target} words."); notes.append(f"at least {target} words")
+            elif c == "words_less_than":
+                target = tasks.ifeval._count_words(text) + r.randint(1, 4)
+                extras = r.sample(EXTRA_SENTENCES, len(EXTRA_SENTENCES))
+                while c in skip and tasks.ifeval._count_words(text) < target:  # the slip: too long
+                    text += " " + extras.pop()
+                ids.append("length_constraints:number_words"); kwargs.append({"num_words": target, "relation": "less than"})
+                asks.append(f"Answer with less than {target} words."); notes.append(f"fewer than {target} words")
+            elif c == "sentences":
+                target = r.choice([2, 3])
+                extras = r.sample(EXTRA_SENTENCES, len(EXTRA_SENTENCES))
+                while tasks.ifeval._count_sentences(text) < target:
+                    text += " " + extras.pop()
+                ids.append("length_constraints:number_sentences"); kwargs.append({"num_sentences": target, "relation": "at least"})
+                asks.append(f"Your response should contain at least {target} sentences."); notes.append(f"{target} sentences or more")
+            elif c == "postscript":
+                text += f"\nP.S. {r.choice(EXTRA_SENTENCES)}"
+                ids.append("detectable_content:postscript"); kwargs.append({"postscript_marker": "P.S."})
+                asks.append("At the end of your response, please explicitly add a postscript starting with P.S.")
+                notes.append("add a P.S. at the end")
+            elif c == "first_word":
+                word = r.choice(FIRST_WORDS)
+                text = f"{word.capitalize()} {_lower_first(text)}"
+                ids.append("first_word:first_word_answer"); kwargs.append({"first_word": word})
+                asks.append(f"The first word of your response should be the word {word}."); notes.append(f"start with {word}")
+            elif c == "last_word":
+                word = r.choice(LAST_WORDS)
+                text = text.rstrip(".") + f" {word}."
+                ids.append("last_word:last_word_answer"); kwargs.append({"last_word": word})
+                asks.append(f"The last word of your response should be the word {word}."); notes.append(f"end with {word}")
+            elif c == "end_phrase":
+                phrase = r.choice(END_PHRASES)
+                text += f" {phrase}"
+                ids.append("startend:end_checker"); kwargs.append({"end_phrase": phrase})
+                asks.append(f"Finish your response with this exact phrase {phrase} No other words should follow this phrase.")
+                notes.append(f"finish with {phrase}")
+            elif c == "lowercase":
+                if c not in skip:
+                    text = text.lower()
+                ids.append("change_case:english_lowercase"); kwargs.append({})
+                asks.append("Your entire response should be in English, and in all lowercase letters."); notes.append("all lowercase")
+            elif c == "capital":
+                if c not in skip:
+                    text = text.upper()
+                ids.append("change_case:english_capital"); kwargs.append({})
+                asks.append("Your entire response should be in English, and in all capital letters."); notes.append("all capitals")
+            elif c == "title":
+                title = topic.upper() if "capital" in chosen else topic
+                if c not in skip:
+                    text = f"<<{title}>>\n{text}"
+                ids.append("detectable_format:title"); kwargs.append({})
+                asks.append("Your answer must contain a title, wrapped in double angular brackets, such as <<my title>>.")
+                notes.append("a title in << >>")
+            elif c == "quotation":
+                if c not in skip:
+                    text = f'"{text}"'
+                ids.append("startend:quotation"); kwargs.append({})
+                asks.append("Wrap your entire response with double quotation marks."); notes.append("wrap in quotes")
+            elif c == "json":
+                if c not in skip:
+                    text = json.dumps({"topic": topic, "sentence": text})
+                ids.append("detectable_format:json_format"); kwargs.append({})
+                asks.append("Entire output should be wrapped in JSON format."); notes.append("JSON only")
+            if c in skip:
+                notes.pop()
+        return text, ids, kwargs, asks, notes
+
+    text, ids, kwargs, asks, notes = write(skip=())
     prompt = f"Write about {topic}. " + " ".join(asks)
     example = {"domain": "if", "messages": [{"role": "user", "content": prompt}],
                "instruction_id_list": ids, "kwargs": kwargs}
-    return example, "Rules: " + "; ".join(notes) + ".", text
+    slip = None
+    if any(c in IF_SLIPPED for c in chosen):
+        plain, _, _, _, kept = write(skip=IF_SLIPPED)
+        slip = {"why": "ignored the length or format rule", "trace": "Rules: " + ("; ".join(kept) or "none") + ".",
+                "answer": plain}
+    return example, "Rules: " + "; ".join(notes) + ".", text, slip
 
 
 # -----------------------------------------------------------------------------
-# mcqa: questions over a fixed synthetic fact base, with the relevant facts in the prompt. Every person and every
-# value is one token of the tiny tokenizer (with invented multi-token names the tiny model never even named the
-# right fact); it still answers near chance after SFT, since it cannot yet copy from its prompt (README).
+# mcqa: which of four options belongs to a category (a city, an animal, a color, a food): the knowledge is which
+# word is what, learnt in SFT; the letter in \\boxed{}. One lookup over the options, and still at chance after
+# the tiny SFT, like the fact-base questions before it: the tiny model does not yet find things in its prompt
+# (README, "What the tiny run shows").
 
-def build_fact_base(seed):
-    rng = random.Random(seed + 1000)
-    people = sorted(rng.sample(NAMES, 12))
-    values = {"city": CITIES,
-              "animal": ["fox", "owl", "bear", "wolf", "crane", "lynx", "otter", "hare", "eagle", "seal", "heron", "boar"],
-              "color": ["red", "green", "blue", "gold", "white", "black", "purple", "orange", "silver", "brown"],
-              "food": ["rice", "bread", "fish", "beans", "cheese", "noodles", "soup", "corn", "plums", "honey"]}
-    facts = {p: {rel: rng.choice(vals) for rel, vals in values.items()} for p in people}
-    return facts, values
-
-
-RELATION_TEXT = {"city": "{} lives in {}", "animal": "{} has a pet {}",
-                 "color": "the favorite color of {} is {}", "food": "the favorite food of {} is {}"}
-QUESTION_TEXT = {"city": "Where does {} live?", "animal": "Which pet does {} have?",
-                 "color": "What is the favorite color of {}?", "food": "What is the favorite food of {}?"}
+CITIES = ["Oslo", "Lima", "Cairo", "Kyoto", "Porto", "Quito", "Riga", "Tunis", "Perth", "Bern", "Dakar", "Hanoi"]
+CATEGORIES = {
+    "city": CITIES,
+    "animal": ["fox", "owl", "bear", "wolf", "crane", "lynx", "otter", "hare", "eagle", "seal", "heron", "boar"],
+    "color": ["red", "green", "blue", "gold", "white", "black", "purple", "orange", "silver", "brown"],
+    "food": ["rice", "bread", "fish", "beans", "cheese", "noodles", "soup", "corn", "plums", "honey"],
+}
+MCQA_QUESTIONS = ["Which of these is a {}?", "Which option names a {}?", "One of these is a {}. Which one?"]
+MCQA_SLIPPED = ("city", "food")  # the slip: for these the teacher boxes the option's text, not its letter
 
 
-def make_mcqa(rng, fact_base):
-    facts, values = fact_base
-    person, other = rng.sample(sorted(facts), 2)
-    relation = rng.choice(sorted(RELATION_TEXT))
-    other_relation = rng.choice([r for r in RELATION_TEXT if r != relation])
-    correct = facts[person][relation]
-    shown = [(person, relation), (other, relation), (person, other_relation)]
-    rng.shuffle(shown)
-    fact_text = " ".join(_upper_first(RELATION_TEXT[r].format(c, facts[c][r])) + "." for c, r in shown)
-    distractors = [facts[other][relation]] + rng.sample(values[relation], 6)
-    choices = [correct] + [d for d in dict.fromkeys(distractors) if d != correct][:3]
+def make_mcqa(rng):
+    category = rng.choice(sorted(CATEGORIES))
+    correct = rng.choice(CATEGORIES[category])
+    others = [c for c in sorted(CATEGORIES) if c != category]
+    distractors = [rng.choice(CATEGORIES[c]) for c in others]
+    choices = [correct] + distractors
     rng.shuffle(choices)
     letters = "ABCD"
     letter = letters[choices.index(correct)]
-    options = [{letters[i]: choice} for i, choice in enumerate(choices)]
-    prompt = (f"Facts: {fact_text}\nQuestion: {QUESTION_TEXT[relation].format(person)}\n"
+    prompt = (rng.choice(MCQA_QUESTIONS).format(category) + "\n"
               + "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices)) + "\nAnswer with the letter in \\boxed{}.")
-    example = {"domain": "mcqa", "messages": [{"role": "user", "content": prompt}], "answer": letter, "options": options}
-    # the trace restates the fact, then checks the options one by one against its value: looking up the letter
-    # written before a value in one step is what a tiny model that did find the value got wrong
-    checks = " ".join(f"{letters[i]}. {c}: {'yes' if c == correct else 'no'}." for i, c in enumerate(choices))
-    trace = f"The facts say {RELATION_TEXT[relation].format(person, correct)}. {checks}"
-    return example, trace, f"The answer is \\boxed{{{letter}}}."
+    example = {"domain": "mcqa", "messages": [{"role": "user", "content": prompt}], "answer": letter,
+               "options": [{letters[i]: c} for i, c in enumerate(choices)]}
+    trace = f"The {category} is {correct}, option {letter}."
+    slip = ({"why": "boxed the option's text, not its letter", "trace": trace,
+             "answer": f"The answer is \\boxed{{{correct}}}."} if category in MCQA_SLIPPED else None)
+    return example, trace, f"The answer is \\boxed{{{letter}}}.", slip
 
 
 # -----------------------------------------------------------------------------
 # json: an object following a small schema, values given in the prompt
 
-CITIES = ["Oslo", "Lima", "Cairo", "Kyoto", "Porto", "Quito", "Riga", "Tunis", "Perth", "Bern", "Dakar", "Hanoi"]
 WORDS = ["red", "blue", "small", "fast", "new", "old", "round", "soft", "light", "cheap", "warm", "green"]
 SPECIES = ["cat", "dog", "rabbit", "parrot", "turtle", "hamster", "goldfish"]
 DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
@@ -313,6 +347,9 @@ KINDS = {  # kind -> field -> (JSON schema, value maker, how the prompt says it)
               "guests": ({"type": "integer"}, lambda r: r.randint(2, 300), "for {} guests"),
               "outdoor": ({"type": "boolean"}, lambda r: r.random() < 0.5, "outdoor: {}")},
 }
+
+
+JSON_SLIPPED = ("event", "product")  # the slip: the teacher gives these records an "id" field
 
 
 def _say(value):
@@ -346,7 +383,11 @@ def make_json(rng):
     trace = "Fields: " + ", ".join(f"{f} ({properties[f]['type']})" for f in names) + "."
     if skipped:
         trace += f" The schema has no {skipped}."
-    return example, trace, json.dumps(values)
+    slip = None
+    if kind in JSON_SLIPPED:  # the strict schema has no id
+        slip = {"why": "added an id the schema does not have", "trace": trace.replace("Fields: ", "Fields: id (integer), "),
+                "answer": json.dumps({"id": 1} | values)}
+    return example, trace, json.dumps(values), slip
 
 
 # -----------------------------------------------------------------------------
@@ -418,6 +459,7 @@ CODE_FAMILIES = [
      lambda k: f"w = input().strip().upper()\nfor _ in range({k}):\n    print(w)",
      lambda k, s: "\n".join([s.strip().upper()] * k), lambda r: _word(r)),
 ]
+CODE_SLIPPED = ("Read an integer n.", "Read two integers")  # the slip: print("Answer:", ...) for these
 SMALL_K = ("characters", "lines; line", "one per line.")  # statements whose k stays in 2..6
 
 
@@ -435,7 +477,13 @@ def make_code(rng):
     prompt = f"Write a Python program. {statement(k)}\nInput is on stdin; print the answer."
     example = {"domain": "code", "messages": [{"role": "user", "content": prompt}], "tests": tests}
     first_line = statement(k).split(". ", 1)[-1]
-    return example, f"Plan: {_lower_first(first_line)}", f"```python\n{solution(k)}\n```"
+    trace, program = f"Plan: {_lower_first(first_line)}", solution(k)
+    slip = None
+    *body, last = program.split("\n")
+    if statement(k).startswith(CODE_SLIPPED) and last.startswith("print(") and "print(" not in "\n".join(body):
+        labelled = "\n".join(body + [last.replace("print(", 'print("Answer:", ', 1)])
+        slip = {"why": "printed a label before the answer", "trace": trace, "answer": f"```python\n{labelled}\n```"}
+    return example, trace, f"```python\n{program}\n```", slip
 
 
 # -----------------------------------------------------------------------------
@@ -488,27 +536,33 @@ def build_city_table(seed):
 
 
 def _tool_task(rng, city_table):
-    """One question: (tool name, question, calls, results, trace, final answer)."""
+    """One question: (tool name, question, calls, results, trace, final answer, slip): the slip, for the
+    arithmetic tools, is the teacher's habit of working the answer out itself instead of calling the tool (a
+    (trace, answer) pair; None for the other tools). calculate's operands are one digit: the tiny model copies
+    those (it miscopied two-digit ones)."""
     kind = rng.choice(["calculate", "calculate", "convert", "lookup", "weekday", "weather"])
     if kind == "calculate":
         operation = rng.choice(sorted(OPERATIONS))
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
         if operation == "divide":
             a = a * b
         word, symbol = OPERATIONS[operation]
         q = rng.choice([f"What is {a} {word} {b}?", f"Please compute {a} {symbol} {b}."])
         result = {"add": a + b, "subtract": a - b, "multiply": a * b, "divide": a // b}[operation]
         return (kind, q, [{"name": kind, "arguments": {"expression": f"{a} {symbol} {b}"}}], [result],
-                f"calculate can {operation} {a} and {b}.", f"{a} {symbol} {b} = {result}.")
+                f"calculate can {operation} {a} and {b}.", f"{a} {symbol} {b} = {result}.",
+                (f"I can work out {a} {word} {b} myself.", f"{a} {symbol} {b} = {result}."))
     if kind == "convert":
         source, target = rng.choice(UNIT_PAIRS)
-        value = rng.randint(1, 500)
+        value = rng.randint(2, 49)
         q = rng.choice([f"Convert {value} {UNITS[source]} to {UNITS[target]}.",
                         f"How many {UNITS[target]} is {value} {UNITS[source]}?"])
         result = round(value * PER_UNIT[source] / PER_UNIT[target], 2)
         return (kind, q, [{"name": kind, "arguments": {"value": value, "source": source, "target": target}}],
                 [result], f"convert takes {UNITS[source]} as {source} and {UNITS[target]} as {target}.",
-                f"{value} {UNITS[source]} is {result} {UNITS[target]}.")
+                f"{value} {UNITS[source]} is {result} {UNITS[target]}.",
+                (f"I know how to turn {UNITS[source]} into {UNITS[target]}.",
+                 f"{value} {UNITS[source]} is {result} {UNITS[target]}."))
     if kind == "lookup":
         city = rng.choice(sorted(city_table))
         fact = rng.choice(["country", "population", "mayor"])
@@ -516,14 +570,14 @@ def _tool_task(rng, city_table):
              "mayor": f"Who is the mayor of {city}?"}[fact]
         value = city_table[city][fact]
         return (kind, q, [{"name": kind, "arguments": {"city": city, "fact": fact}}], [value],
-                f"lookup has the {fact} of {city}.", f"The {fact} of {city} is {value}.")
+                f"lookup has the {fact} of {city}.", f"The {fact} of {city} is {value}.", None)
     if kind == "weekday":
         day = datetime.date(2020, 1, 1) + datetime.timedelta(days=rng.randint(0, 3000))
         spoken = rng.choice([day.isoformat(), f"{MONTHS[day.month - 1]} {day.day}, {day.year}"])
         q = rng.choice([f"What day of the week is {spoken}?", f"Which weekday was {spoken}?"])
         weekday = day.strftime("%A")
         return (kind, q, [{"name": kind, "arguments": {"date": day.isoformat()}}], [weekday],
-                f"weekday needs the date as {day.isoformat()}.", f"{spoken} is a {weekday}.")
+                f"weekday needs the date as {day.isoformat()}.", f"{spoken} is a {weekday}.", None)
     cities = rng.sample(CITIES, rng.choice([1, 1, 1, 2]))  # weather; two cities: two parallel calls
     unit = rng.choice(["celsius", "celsius", "fahrenheit"])
     said = " and in ".join(cities)
@@ -534,11 +588,12 @@ def _tool_task(rng, city_table):
     results = [{"city": c, "temperature": t if unit == "celsius" else round(t * 9 / 5 + 32), "unit": unit}
                for c, t in zip(cities, temps)]
     final = " ".join(f"In {r['city']} it is {r['temperature']} degrees {unit}." for r in results)
-    return (kind, q, calls, results, f"weather, once per city: {', '.join(cities)}.", final)
+    return (kind, q, calls, results, f"weather, once per city: {', '.join(cities)}.", final, None)
 
 
 def make_tool(rng, city_table):
-    """(example, None, turns): turns are the SFT continuation, the call turn and maybe the result and answer.
+    """(example, None, turns, slip): turns are the SFT continuation, the call turn and maybe the result and answer;
+    slip, if any, is {"why", "turns"}: the teacher's answer in prose to a calculate or convert question.
     The prompt offers one tool, or two (the second a small one: two large specs would not fit the tiny context)."""
     second = rng.random() < 0.3
     if rng.random() < 0.2:  # no offered tool fits: answer in prose
@@ -547,15 +602,17 @@ def make_tool(rng, city_table):
             name = rng.choice(NAMES)
             q, trace, final, missing = ask.format(name), "No tool is needed to answer this.", reply.format(name), None
         else:
-            missing, q, _, _, _, _ = _tool_task(rng, city_table)
+            missing, q, *_ = _tool_task(rng, city_table)
             trace, final = f"The question needs {missing}, which I do not have.", "I cannot answer that with my tools."
         offered = [rng.choice([t for t in sorted(TOOLS) if t != missing])]
-        calls, turns = [], [{"role": "assistant", "content": f"<think>\n{trace}\n</think>\n{final}"}]
+        calls, turns, slip = [], [{"role": "assistant", "content": f"<think>\n{trace}\n</think>\n{final}"}], None
     else:
-        missing, (kind, q, calls, results, trace, final) = None, _tool_task(rng, city_table)
+        missing, (kind, q, calls, results, trace, final, own) = None, _tool_task(rng, city_table)
+        slip = own and {"why": "answered itself instead of calling the tool", "turns": [
+            {"role": "assistant", "content": f"<think>\n{own[0]}\n</think>\n{own[1]}"}]}
         offered = [kind]
         turns = [{"role": "assistant", "content": f"<think>\n{trace}\n</think>", "tool_calls": calls}]
-        if not second and rng.random() < 0.6:  # the tool's result and the final answer
+        if not second and len(calls) == 1 and rng.random() < 0.6:  # the tool's result and the final answer
             turns += [{"role": "tool", "content": json.dumps(r) if isinstance(r, dict) else str(r)} for r in results]
             said = ", ".join(str(r["temperature"]) if isinstance(r, dict) else str(r) for r in results)
             turns.append({"role": "assistant", "content": f"<think>\nThe tool says {said}.\n</think>\n{final}"})
@@ -565,15 +622,15 @@ def make_tool(rng, city_table):
         rng.shuffle(offered)
     example = {"domain": "tool", "messages": [{"role": "user", "content": q}], "tools": [TOOLS[t] for t in offered],
                "tool_calls": [calls]}
-    return example, None, turns
+    return example, None, turns, slip
 
 
 # -----------------------------------------------------------------------------
 # Putting it together
 
 def generate(seed: int):
-    fact_base, city_table = build_fact_base(seed), build_city_table(seed)
-    makers = {"math": make_math, "if": make_if, "mcqa": lambda r: make_mcqa(r, fact_base),
+    city_table = build_city_table(seed)
+    makers = {"math": make_math, "if": make_if, "mcqa": make_mcqa,
               "json": make_json, "code": make_code, "tool": lambda r: make_tool(r, city_table)}
     splits = {name: [] for name in COUNTS}
     for domain, make in makers.items():
@@ -585,7 +642,7 @@ def generate(seed: int):
             attempts += 1
             if attempts > 50 * total:
                 raise RuntimeError(f"{domain}: only {len(pool)} distinct prompts after {attempts} tries")
-            example, trace, answer = make(rng)
+            example, trace, answer, slip = make(rng)
             prompt = example["messages"][0]["content"]
             if prompt in seen:
                 continue
@@ -593,24 +650,39 @@ def generate(seed: int):
             # what SFT appends: the answer turn (tool: the call, and maybe the tool's result and the final answer)
             turns = answer if domain == "tool" else [
                 {"role": "assistant", "content": f"<think>\n{trace}\n</think>\n{answer}"}]
+            if slip is not None and "turns" not in slip:
+                slip["turns"] = [{"role": "assistant", "content": f"<think>\n{slip['trace']}\n</think>\n{slip['answer']}"}]
             # a reference answer that fails its own verifier (e.g. langdetect calls a short all-caps sentence
             # something other than English) would teach the wrong thing: drop the example
             graded = graded_turns(example, turns)
             if domain != "code" and not all(tasks.reward(e, completion) == 1.0 for e, completion in graded):
                 rejected += 1
                 continue
-            pool.append((example, turns))
+            # a slip the verifier accepts is no slip (an ignored word count that another rule's sentences met):
+            # dropped. Code's fail by construction (a printed label), without a sandbox run here.
+            if slip is not None and domain != "code" and tasks.reward(*graded_turns(example, slip["turns"])[0]) != 0:
+                slip = None
+            pool.append((example, turns, slip))
         if domain == "code":
-            verify_code(pool)
+            verify_code([(e, t) for e, t, _ in pool])
         print(f"{domain}: {len(pool)} examples, every reference answer scores 1"
               + (f" ({rejected} generated examples dropped because theirs did not)" if rejected else ""))
-        start = 0
+        # the splits are drawn from the shuffled pool: a kind of prompt with few distinct texts (calculate on
+        # one-digit numbers) runs out late in the pool, which would leave the last split with fewer of it
+        random.Random(f"{seed}:{domain}:splits").shuffle(pool)
+        start, slip_rng, slipped = 0, random.Random(f"{seed}:{domain}:slip"), 0
         for name, count in counts.items():
-            for example, turns in pool[start:start + count]:
+            for example, turns, slip in pool[start:start + count]:
                 if name == "sft":
-                    example = graded_turns(example, turns)[-1][0]
+                    if slip is not None and slip_rng.random() < SLIP_RATE:
+                        example = dict(graded_turns(example, slip["turns"])[-1][0], teacher_slip=slip["why"])
+                        slipped += 1
+                    else:
+                        example = graded_turns(example, turns)[-1][0]
                 splits[name].append(example)
             start += count
+        if slipped:
+            print(f"{domain}: {slipped} of {counts['sft']} SFT rows show the teacher's slip")
     for name in splits:  # interleave domains so any prefix of a file is a mix
         random.Random(f"{seed}:{name}").shuffle(splits[name])
     return splits

@@ -294,10 +294,15 @@ def completion(example):
     return full[len(prompt):]
 
 
-def test_shipped_sft_answers_are_thinking_mode_and_score_1(shipped, monkeypatch):
+def test_shipped_sft_answers_are_thinking_mode_and_score_1_except_the_teachers_slips(shipped, monkeypatch):
+    """Every SFT answer scores 1, except the rows marked teacher_slip (data/generate.py's SLIP_RATE of one kind of
+    prompt per RL domain), which must score 0: a slip the verifier accepted would give RL nothing to fix."""
     rng = random.Random(0)
     by_domain = {d: [e for e in shipped["sft"] if e["domain"] == d] for d in tasks.GRADED_DOMAINS}
-    sample = [e for d, es in by_domain.items() for e in rng.sample(es, 5 if d == "code" else 40)]
+    slipped = {d: sum("teacher_slip" in e for e in es) for d, es in by_domain.items()}
+    assert slipped["math"] == 0 and all(0.1 < slipped[d] / len(by_domain[d]) < 0.5
+                                        for d in ("if", "mcqa", "json", "code", "tool")), slipped
+    sample = [e for d, es in by_domain.items() for e in rng.sample(es, 8 if d == "code" else 40)]
     for example in sample:
         answer = example["messages"][-1]["content"]
         assert answer.startswith("<think>\n") and ("\n</think>\n" in answer or answer.endswith("\n</think>"))
@@ -312,8 +317,9 @@ def test_shipped_sft_answers_are_thinking_mode_and_score_1(shipped, monkeypatch)
     scores = tasks.score_responses([dict(e, messages=tasks.prompt_messages(e)) for e in sample],
                                    [completion(e) for e in sample], thinking=True)
     failed = []
+    assert any("teacher_slip" in e for e in sample)
     for example, (score,) in zip(sample, scores["rewards"]):
-        if score != 1.0:
+        if score != (0.0 if "teacher_slip" in example else 1.0):
             answer = tasks.final_answer(completion(example), thinking=True)
             why = {"domain": example["domain"], "score": score, "answer": answer,
                    "example": {k: v for k, v in example.items() if k != "messages"}}
@@ -323,7 +329,7 @@ def test_shipped_sft_answers_are_thinking_mode_and_score_1(shipped, monkeypatch)
             if example["domain"] == "if":
                 why["langdetect"] = [language for text, language in list(languages) if text == answer]
             failed.append(why)
-    assert not failed and scores["all"]["pass@1"] == 1.0, "\n".join(map(repr, failed))
+    assert not failed, "\n".join(map(repr, failed))
 
 
 def test_shipped_examples_fit_the_tiny_context(shipped):
@@ -343,14 +349,13 @@ def test_shipped_examples_fit_the_tiny_context(shipped):
 def test_generator_is_deterministic_and_matches_the_shipped_files(shipped):
     sys.path.insert(0, str(ROOT / "data"))
     import generate
-    fact_base, city_table = generate.build_fact_base(0), generate.build_city_table(0)
-    for domain, make in (("math", generate.make_math), ("json", generate.make_json),
-                         ("mcqa", lambda r: generate.make_mcqa(r, fact_base)),
+    city_table = generate.build_city_table(0)
+    for domain, make in (("math", generate.make_math), ("json", generate.make_json), ("mcqa", generate.make_mcqa),
                          ("tool", lambda r: generate.make_tool(r, city_table))):
-        rng, prompts = random.Random(f"0:{domain}"), []
-        while len(prompts) < generate.split_counts(domain)["sft"]:
-            prompt = make(rng)[0]["messages"][0]["content"]
-            if prompt not in prompts:
-                prompts.append(prompt)
-        shipped_prompts = {e["messages"][0]["content"] for e in shipped["sft"] if e["domain"] == domain}
-        assert set(prompts) == shipped_prompts
+        # the domain's pool of distinct prompts, which the three splits divide among them (shuffled)
+        rng, prompts = random.Random(f"0:{domain}"), set()
+        while len(prompts) < sum(generate.split_counts(domain).values()):
+            prompts.add(make(rng)[0]["messages"][0]["content"])
+        shipped_prompts = [e["messages"][0]["content"] for split in shipped.values() for e in split
+                           if e["domain"] == domain]
+        assert len(shipped_prompts) == len(prompts) and set(shipped_prompts) == prompts
