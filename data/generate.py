@@ -605,17 +605,17 @@ def make_tool(rng, city_table):
             missing, q, *_ = _tool_task(rng, city_table)
             trace, final = f"The question needs {missing}, which I do not have.", "I cannot answer that with my tools."
         offered = [rng.choice([t for t in sorted(TOOLS) if t != missing])]
-        calls, turns, slip = [], [{"role": "assistant", "content": f"<think>\n{trace}\n</think>\n{final}"}], None
+        calls, turns, slip = [], [answer_turn(trace, final)], None
     else:
         missing, (kind, q, calls, results, trace, final, own) = None, _tool_task(rng, city_table)
         slip = own and {"why": "answered itself instead of calling the tool", "turns": [
-            {"role": "assistant", "content": f"<think>\n{own[0]}\n</think>\n{own[1]}"}]}
+            answer_turn(*own)]}
         offered = [kind]
         turns = [{"role": "assistant", "content": f"<think>\n{trace}\n</think>", "tool_calls": calls}]
         if not second and len(calls) == 1 and rng.random() < 0.6:  # the tool's result and the final answer
             turns += [{"role": "tool", "content": json.dumps(r) if isinstance(r, dict) else str(r)} for r in results]
             said = ", ".join(str(r["temperature"]) if isinstance(r, dict) else str(r) for r in results)
-            turns.append({"role": "assistant", "content": f"<think>\nThe tool says {said}.\n</think>\n{final}"})
+            turns.append(answer_turn(f"The tool says {said}.", final))
     small = [t for t in ("calculate", "weekday") if t not in offered and t != missing]
     if second and small and len(calls) < 2:
         offered.append(rng.choice(small))
@@ -648,10 +648,9 @@ def generate(seed: int):
                 continue
             seen.add(prompt)
             # what SFT appends: the answer turn (tool: the call, and maybe the tool's result and the final answer)
-            turns = answer if domain == "tool" else [
-                {"role": "assistant", "content": f"<think>\n{trace}\n</think>\n{answer}"}]
+            turns = answer if domain == "tool" else [answer_turn(trace, answer)]
             if slip is not None and "turns" not in slip:
-                slip["turns"] = [{"role": "assistant", "content": f"<think>\n{slip['trace']}\n</think>\n{slip['answer']}"}]
+                slip["turns"] = [answer_turn(slip["trace"], slip["answer"])]
             # a reference answer that fails its own verifier (e.g. langdetect calls a short all-caps sentence
             # something other than English) would teach the wrong thing: drop the example
             graded = graded_turns(example, turns)
@@ -686,6 +685,11 @@ def generate(seed: int):
     for name in splits:  # interleave domains so any prefix of a file is a mix
         random.Random(f"{seed}:{name}").shuffle(splits[name])
     return splits
+
+
+def answer_turn(trace, answer):
+    """The assistant turn of a thinking-mode answer."""
+    return {"role": "assistant", "content": f"<think>\n{trace}\n</think>\n{answer}"}
 
 
 def graded_turns(example, turns):
