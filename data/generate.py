@@ -70,10 +70,17 @@ def split_counts(domain):
 
 # The SFT teacher's slips. Real SFT data is distilled from teacher models, and teachers have habits a verifier
 # rejects. Each RL domain's generator describes one such habit on one kind of its prompts (the makers return it as
-# `slip`), and that many SFT rows of the kind show it instead of the right answer (marked "teacher_slip"). The SFT
-# model then has the habit most of the time but not always: the situation in which RL, rewarded by the verifier,
-# finds the right behaviour among its own samples and makes it the greedy one. RL and eval rows are prompts only.
+# `slip`: {"why", "turns"}), and that many SFT rows of the kind show it instead of the right answer (marked
+# "teacher_slip"). The SFT model then has the habit most of the time but not always: the situation in which RL,
+# rewarded by the verifier, finds the right behaviour among its own samples and makes it the greedy one. RL and eval
+# rows are prompts only.
 SLIP_RATE = 0.7
+
+
+def answer_turn(trace, answer):
+    """The assistant turn of a thinking-mode answer."""
+    return {"role": "assistant", "content": f"<think>\n{trace}\n</think>\n{answer}"}
+
 
 # -----------------------------------------------------------------------------
 # math: arithmetic word problems
@@ -280,8 +287,8 @@ def make_if(rng):
     slip = None
     if any(c in IF_SLIPPED for c in chosen):
         plain, _, _, _, kept = write(skip=IF_SLIPPED)
-        slip = {"why": "ignored the length or format rule", "trace": "Rules: " + ("; ".join(kept) or "none") + ".",
-                "answer": plain}
+        slip = {"why": "ignored the length or format rule",
+                "turns": [answer_turn("Rules: " + ("; ".join(kept) or "none") + ".", plain)]}
     return example, "Rules: " + "; ".join(notes) + ".", text, slip
 
 
@@ -316,8 +323,10 @@ def make_mcqa(rng):
     example = {"domain": "mcqa", "messages": [{"role": "user", "content": prompt}], "answer": letter,
                "options": [{letters[i]: c} for i, c in enumerate(choices)]}
     trace = f"The {category} is {correct}, option {letter}."
-    slip = ({"why": "boxed the option's text, not its letter", "trace": trace,
-             "answer": f"The answer is \\boxed{{{correct}}}."} if category in MCQA_SLIPPED else None)
+    slip = None
+    if category in MCQA_SLIPPED:
+        slip = {"why": "boxed the option's text, not its letter",
+                "turns": [answer_turn(trace, f"The answer is \\boxed{{{correct}}}.")]}
     return example, trace, f"The answer is \\boxed{{{letter}}}.", slip
 
 
@@ -385,8 +394,8 @@ def make_json(rng):
         trace += f" The schema has no {skipped}."
     slip = None
     if kind in JSON_SLIPPED:  # the strict schema has no id
-        slip = {"why": "added an id the schema does not have", "trace": trace.replace("Fields: ", "Fields: id (integer), "),
-                "answer": json.dumps({"id": 1} | values)}
+        slip = {"why": "added an id the schema does not have", "turns": [answer_turn(
+            trace.replace("Fields: ", "Fields: id (integer), "), json.dumps({"id": 1} | values))]}
     return example, trace, json.dumps(values), slip
 
 
@@ -482,7 +491,7 @@ def make_code(rng):
     *body, last = program.split("\n")
     if statement(k).startswith(CODE_SLIPPED) and last.startswith("print(") and "print(" not in "\n".join(body):
         labelled = "\n".join(body + [last.replace("print(", 'print("Answer:", ', 1)])
-        slip = {"why": "printed a label before the answer", "trace": trace, "answer": f"```python\n{labelled}\n```"}
+        slip = {"why": "printed a label before the answer", "turns": [answer_turn(trace, f"```python\n{labelled}\n```")]}
     return example, trace, f"```python\n{program}\n```", slip
 
 
@@ -536,9 +545,9 @@ def build_city_table(seed):
 
 
 def _tool_task(rng, city_table):
-    """One question: (tool name, question, calls, results, trace, final answer, slip): the slip, for the
-    arithmetic tools, is the teacher's habit of working the answer out itself instead of calling the tool (a
-    (trace, answer) pair; None for the other tools). calculate's operands are one digit: the tiny model copies
+    """One question: (tool name, question, calls, results, trace, final answer, slip trace): the slip, for the
+    arithmetic tools, is the teacher's habit of working the answer out itself instead of calling the tool (its
+    thought, followed by the final answer; None for the other tools). calculate's operands are one digit: the tiny model copies
     those (it miscopied two-digit ones)."""
     kind = rng.choice(["calculate", "calculate", "convert", "lookup", "weekday", "weather"])
     if kind == "calculate":
@@ -551,7 +560,7 @@ def _tool_task(rng, city_table):
         result = {"add": a + b, "subtract": a - b, "multiply": a * b, "divide": a // b}[operation]
         return (kind, q, [{"name": kind, "arguments": {"expression": f"{a} {symbol} {b}"}}], [result],
                 f"calculate can {operation} {a} and {b}.", f"{a} {symbol} {b} = {result}.",
-                (f"I can work out {a} {word} {b} myself.", f"{a} {symbol} {b} = {result}."))
+                f"I can work out {a} {word} {b} myself.")
     if kind == "convert":
         source, target = rng.choice(UNIT_PAIRS)
         value = rng.randint(2, 49)
@@ -561,8 +570,7 @@ def _tool_task(rng, city_table):
         return (kind, q, [{"name": kind, "arguments": {"value": value, "source": source, "target": target}}],
                 [result], f"convert takes {UNITS[source]} as {source} and {UNITS[target]} as {target}.",
                 f"{value} {UNITS[source]} is {result} {UNITS[target]}.",
-                (f"I know how to turn {UNITS[source]} into {UNITS[target]}.",
-                 f"{value} {UNITS[source]} is {result} {UNITS[target]}."))
+                f"I know how to turn {UNITS[source]} into {UNITS[target]}.")
     if kind == "lookup":
         city = rng.choice(sorted(city_table))
         fact = rng.choice(["country", "population", "mayor"])
@@ -608,8 +616,7 @@ def make_tool(rng, city_table):
         calls, turns, slip = [], [answer_turn(trace, final)], None
     else:
         missing, (kind, q, calls, results, trace, final, own) = None, _tool_task(rng, city_table)
-        slip = own and {"why": "answered itself instead of calling the tool", "turns": [
-            answer_turn(*own)]}
+        slip = own and {"why": "answered itself instead of calling the tool", "turns": [answer_turn(own, final)]}
         offered = [kind]
         turns = [{"role": "assistant", "content": f"<think>\n{trace}\n</think>", "tool_calls": calls}]
         if not second and len(calls) == 1 and rng.random() < 0.6:  # the tool's result and the final answer
@@ -649,8 +656,6 @@ def generate(seed: int):
             seen.add(prompt)
             # what SFT appends: the answer turn (tool: the call, and maybe the tool's result and the final answer)
             turns = answer if domain == "tool" else [answer_turn(trace, answer)]
-            if slip is not None and "turns" not in slip:
-                slip["turns"] = [answer_turn(slip["trace"], slip["answer"])]
             # a reference answer that fails its own verifier (e.g. langdetect calls a short all-caps sentence
             # something other than English) would teach the wrong thing: drop the example
             graded = graded_turns(example, turns)
@@ -687,11 +692,6 @@ def generate(seed: int):
     return splits
 
 
-def answer_turn(trace, answer):
-    """The assistant turn of a thinking-mode answer."""
-    return {"role": "assistant", "content": f"<think>\n{trace}\n</think>\n{answer}"}
-
-
 def graded_turns(example, turns):
     """(example, completion) for each assistant turn of the SFT continuation: the example whose messages end with
     that turn and whose fields describe it (a final answer after a tool result: prose, tool_calls [[]]), and the
@@ -723,7 +723,8 @@ def verify_code(pool):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="seed of every domain's generator and of the fact tables")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every domain's generator and of the lookup "
+                                                                 "tool's city table")
     parser.add_argument("--out", default=str(ROOT / "data"), help="directory the three splits are written to")
     parser.add_argument("--train-tokenizer", action="store_true",
                         help="train a new data/tokenizer.json on the SFT split (changes every token id: tests and "
