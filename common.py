@@ -856,23 +856,62 @@ def check_tokenizer(tokenizer, model_config, where):
                              f"the data is rendered with needs") from None
 
 
-def rollout_batch(prompts, completions, pad_id=0):
+def rollout_lengths(prompts, completions):
+    """Tokens each rollout puts in a packed row: its prompt and completion, less the last token (it predicts
+    nothing)."""
+    return [len(p) + len(c.tokens) - 1 for p, c in zip(prompts, completions)]
+
+
+def token_micro_batches(lengths, max_tokens, d: "Dist"):
     """
-    Rows `prompt + completion`, right-padded: ids [B, T] and targets [B, T], where targets[b, t] is the
-    completion token at t + 1 (so the model's log-prob at t is log pi(that token | everything before it)) and
-    -100 at prompt and padding positions. Right padding needs no attention mask: every layer is causal (attention
-    and the Mamba scan), so padding after a row's tokens never reaches them, and no [T, T] mask is built.
+    The rollouts of one step (lengths from rollout_lengths) grouped into micro-batches of at most max_tokens
+    tokens each, one packed row per forward/backward: first-fit by decreasing length (a rollout longer than
+    max_tokens gets a micro-batch of its own). Every process gets the same number (FSDP's collectives must pair
+    up: a process with fewer runs empty ones). Returns lists of indices into lengths, each in ascending order.
+    A budget in tokens, not in rollouts, bounds activation memory however the lengths vary, and packs short
+    rollouts together: fewer forwards (each gathers every layer's shards under FSDP) and no padding computed.
     """
-    rows = [list(p) + list(c.tokens) for p, c in zip(prompts, completions)]
-    T = max(len(r) for r in rows) - 1                   # the last token of a row predicts nothing
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), T), -100, dtype=torch.long)
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        n = len(rows[b]) - 1
-        ids[b, :n] = torch.tensor(rows[b][:n])
-        if c.tokens:
-            targets[b, len(p) - 1:n] = torch.tensor(c.tokens)
-    return ids, targets
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        b = next((b for b, r in enumerate(room) if lengths[i] <= r), None)
+        if b is None:
+            bins.append([]), room.append(max_tokens)
+            b = len(bins) - 1
+        bins[b].append(i)
+        room[b] -= lengths[i]
+    n = torch.tensor(float(len(bins)), device=d.device)
+    if d.world_size > 1:
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return [sorted(b) for b in bins] + [[] for _ in range(int(n.item()) - len(bins))]
+
+
+def rollout_logprobs(model, prompts, completions, device, pad_id=0):
+    """
+    log pi of every completion token, from one packed row: rollout i (its prompt and completion, less the last
+    token) is document i of the row, and doc_ids keep the documents apart (attention and the Mamba state restart
+    at each), so no padding is computed. Through model(..., targets=...), so FSDP's hooks fire and the logits are
+    taken in vocab-sized chunks; differentiable unless called under no_grad.
+    Returns (lp [n, C], mask [n, C] bool), C the longest completion: lp[i, t] = log pi(completion_i[t] | prompt_i,
+    completion_i[:t]) where mask[i, t], else 0. No rollouts (an empty pass, see token_micro_batches): the model
+    still runs, on two padding tokens, and lp is [0, 1], so a loss summed over it is 0 with a full backward.
+    """
+    C = max([len(c.tokens) for c in completions] + [1])
+    ids, targets, doc_ids = [], [], []
+    where = torch.zeros(len(completions), C, dtype=torch.long)      # the row position that predicts each token
+    mask = torch.zeros(len(completions), C, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        k, first = len(c.tokens), len(ids) + len(p) - 1               # first: the prompt's last position
+        doc = (list(p) + list(c.tokens))[:-1]
+        ids += doc
+        targets += [-100] * (len(p) - 1) + list(c.tokens)
+        doc_ids += [i] * len(doc)
+        where[i, :k], mask[i, :k] = torch.arange(first, first + k), True
+    if not ids:
+        ids, targets, doc_ids = [pad_id] * 2, [-100] * 2, [0] * 2
+    row = lambda x: torch.tensor([x], dtype=torch.long, device=device)
+    lp = model(row(ids), doc_ids=row(doc_ids), targets=row(targets))[0]
+    mask = mask.to(device)
+    return lp[where.to(device)] * mask, mask
 
 
 def start_or_resume(model, out_dir, d: Dist, name, lr, betas, weight_decay, keep_last=2, wandb_project=None,
@@ -920,21 +959,6 @@ def draw_prompts(pools, weights, count, *keys):
 def rollout_seed(*keys):
     """A sampler seed from (seed, stage, step, rank, round): a resumed run samples exactly what it would have."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
-def num_micro_batches(n_rows, micro_batch, d: Dist):
-    """Forward/backward passes for n_rows on this process, the same on every process (FSDP's collectives must
-    pair up; a process with fewer rows runs empty passes)."""
-    n = torch.tensor(float(math.ceil(n_rows / micro_batch)), device=d.device)
-    if d.world_size > 1:
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    return int(n.item())
-
-
-def completion_logprobs(model, ids, targets, device):
-    """log pi(target) [B, T] (0 where target < 0), through model(..., targets=...) so FSDP's hooks fire, in
-    vocab-sized chunks (never [B*T, V] fp32 logits). Differentiable unless called under no_grad."""
-    return model(ids.to(device), targets=targets.to(device))
 
 
 def evaluate_domains(model, tokenizer, examples, d: Dist, max_new_tokens, thinking=True, batch_size=64):

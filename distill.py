@@ -51,7 +51,7 @@ class MOPDConfig:
     steps: int = 20  # optimizer steps, one per batch
     prompts_per_step: int = 8  # prompts per batch, across processes
     rollouts: int = 4  # student completions per prompt
-    micro_batch: int = 32  # rollouts per forward/backward on each process
+    micro_batch_tokens: int = 4096  # tokens per forward/backward on each process: rollouts packed in one row
     lr: float = 1e-4  # peak learning rate (paper: 2e-6)
     warmup_steps: int = 5  # linear warmup steps, from a tenth of the peak: early gradient norms are large (paper: 30)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
@@ -143,10 +143,10 @@ def mopd_loss(logprobs, teacher_logprobs, sampler_logprobs, mask, n_sequences, l
     return -per_seq.sum() / n_sequences, adv, weight
 
 
-def padded(rows, like):
-    """Per-row lists of token values -> [B, T] aligned with the completion targets of `like` (targets >= 0)."""
-    out = torch.zeros(like.shape, dtype=torch.float32)
-    mask = like >= 0
+def padded(rows, mask):
+    """Per-rollout lists of token values -> [n, C], in the layout of rollout_logprobs' mask [n, C]."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    mask = mask.cpu()
     for b, vals in enumerate(rows):
         out[b][mask[b]] = torch.tensor(vals, dtype=torch.float32)
     return out
@@ -183,6 +183,8 @@ def main(cfg: MOPDConfig):
     if cfg.prompts_per_step % d.world_size:
         raise common.ConfigError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world_size} "
                                  "processes")
+    if cfg.micro_batch_tokens < 1:
+        raise common.ConfigError(f"--micro_batch_tokens {cfg.micro_batch_tokens} must be >= 1")
     # held-out scores exactly as cascade.json's rows were scored (its recorded settings), so the rows compare
     ev = cascade.get("evaluation") or dict(data="data/eval.jsonl", per_domain=30, max_new_tokens=80, thinking=True)
     eval_examples = common.load_eval_examples(ev["data"], option=f"{cfg.cascade} evaluation.data",
@@ -231,8 +233,8 @@ def main(cfg: MOPDConfig):
         t1 = time.perf_counter()
 
         # 2. each completion scored by its own domain's teacher, on exactly the sampled tokens
-        teacher_lp = score_with_teachers(teachers, teacher_of, prompts, outs, row_domains, cfg.micro_batch, d,
-                                         tokenizer.pad_id)
+        teacher_lp = score_with_teachers(teachers, teacher_of, prompts, outs, row_domains, cfg.micro_batch_tokens,
+                                         d, tokenizer.pad_id)
         t2 = time.perf_counter()
 
         # 3. one optimizer step on Eq. 4
@@ -281,42 +283,36 @@ def main(cfg: MOPDConfig):
 
 
 @torch.no_grad()
-def score_with_teachers(teachers, teacher_of, prompts, outs, row_domains, micro_batch, d, pad_id):
-    """log pi_teacher of every sampled token, each row by its own domain's teacher (one forward per micro-batch
-    of that teacher's rows; every process runs the same number per teacher). Returns per-row lists."""
+def score_with_teachers(teachers, teacher_of, prompts, outs, row_domains, micro_batch_tokens, d, pad_id):
+    """log pi_teacher of every sampled token, each rollout by its own domain's teacher (one packed forward per
+    micro-batch of that teacher's rollouts; every process runs the same number per teacher). Returns per-rollout
+    lists."""
     out = [None] * len(outs)
     for model in teachers.values():
-        rows = [i for i, dom in enumerate(row_domains) if teacher_of[dom] is model]
-        for m in range(common.num_micro_batches(len(rows), micro_batch, d)):
-            chunk = rows[m * micro_batch:(m + 1) * micro_batch]
-            p_rows = [prompts[i] for i in chunk] or [[pad_id, pad_id]]
-            c_rows = [outs[i] for i in chunk] or [sample.Completion([pad_id], [0.0], "length")]
-            ids, targets = common.rollout_batch(p_rows, c_rows, pad_id)
-            lp = common.completion_logprobs(model, ids, targets, d.device).float().cpu()
-            for i, row, msk in zip(chunk, lp, targets >= 0):
-                out[i] = row[msk].tolist()
+        mine = [i for i, dom in enumerate(row_domains) if teacher_of[dom] is model]
+        p_mine, o_mine = [prompts[i] for i in mine], [outs[i] for i in mine]
+        for rows in common.token_micro_batches(common.rollout_lengths(p_mine, o_mine), micro_batch_tokens, d):
+            lp, mask = common.rollout_logprobs(model, [p_mine[j] for j in rows], [o_mine[j] for j in rows],
+                                               d.device, pad_id)
+            for j, row, msk in zip(rows, lp.float().cpu(), mask.cpu()):
+                out[mine[j]] = row[msk].tolist()
     return out
 
 
 def train_step(model, prompts, outs, teacher_lp, row_domains, domains, cfg, d, pad_id):
-    """The gradient of Eq. 4 over this process's rows (the caller steps), and the step's statistics: the loss,
-    the reverse-KL estimate per domain (mean of -a_t over its tokens), the share of tokens whose weight was cut."""
+    """The gradient of Eq. 4 over this process's rollouts, packed into rows of at most cfg.micro_batch_tokens
+    tokens (the caller steps), and the step's statistics: the loss, the reverse-KL estimate per domain (mean of
+    -a_t over its tokens), the share of tokens whose weight was cut."""
     n_seq = common.all_reduce_sum(torch.tensor(float(len(outs)), device=d.device), d)
     sums = torch.zeros(len(domains), 2, dtype=torch.float64)          # sum of -a_t, token count, per domain
     cut, n_tok, ratio_sum = 0.0, 0.0, 0.0
     loss_sum = torch.zeros((), device=d.device)
-    for m in range(common.num_micro_batches(len(outs), cfg.micro_batch, d)):
-        rows = list(range(m * cfg.micro_batch, min((m + 1) * cfg.micro_batch, len(outs))))
-        p_rows = [prompts[i] for i in rows] or [[pad_id, pad_id]]
-        c_rows = [outs[i] for i in rows] or [sample.Completion([pad_id], [0.0], "length")]
-        ids, targets = common.rollout_batch(p_rows, c_rows, pad_id)
-        mask = (targets >= 0).float()
-        if not rows:
-            mask.zero_()
-        lp = common.completion_logprobs(model, ids, targets, d.device)
-        t_lp = padded([teacher_lp[i] for i in rows] or [[0.0]], targets).to(d.device)
-        s_lp = padded([outs[i].logprobs for i in rows] or [[0.0]], targets).to(d.device)
-        mask = mask.to(d.device)
+    for rows in common.token_micro_batches(common.rollout_lengths(prompts, outs), cfg.micro_batch_tokens, d):
+        lp, mask = common.rollout_logprobs(model, [prompts[i] for i in rows], [outs[i] for i in rows], d.device,
+                                           pad_id)
+        t_lp = padded([teacher_lp[i] for i in rows], mask).to(d.device)
+        s_lp = padded([outs[i].logprobs for i in rows], mask).to(d.device)
+        mask = mask.float()
         loss, adv, weight = mopd_loss(lp, t_lp, s_lp, mask, n_seq, cfg.weight_low, cfg.weight_high)
         (loss * d.world_size).backward()               # FSDP averages gradients over processes: undo it
         loss_sum += loss.detach()

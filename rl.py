@@ -53,7 +53,7 @@ class StageConfig:
     steps: int = 20  # optimizer steps, one per rollout batch (paper: IF-RL ~180, multi-domain ~70, code 22)
     prompts_per_step: int = 8  # prompts (GRPO groups) per batch, across processes (paper: 128)
     rollouts: int = 8  # completions per prompt (paper: 16)
-    micro_batch: int = 32  # rollouts per forward/backward on each process
+    micro_batch_tokens: int = 4096  # tokens per forward/backward on each process: rollouts packed in one row
     sample_batch: int = 0  # prompts per generate call on each process (0 = all at once); bounds the cache memory
     lr: float = 3e-6  # learning rate (paper: 3e-6)
     warmup_steps: int = 0  # linear warmup steps from 0
@@ -191,8 +191,8 @@ def check_stages(stages, cfg, d, source="preset"):
                                      f"the {d.world_size} processes")
         if s.temperature <= 0 or not 0 < s.top_p <= 1:
             raise common.ConfigError(f"{where}: rollouts need temperature > 0 and top_p in (0, 1]")
-        if s.steps < 1 or s.micro_batch < 1 or s.max_new_tokens < 1:
-            raise common.ConfigError(f"{where}: steps, micro_batch and max_new_tokens must be >= 1")
+        if s.steps < 1 or s.micro_batch_tokens < 1 or s.max_new_tokens < 1:
+            raise common.ConfigError(f"{where}: steps, micro_batch_tokens and max_new_tokens must be >= 1")
     cfg.only = tuple(n for n in cfg.only if n)
     missing = [n for n in cfg.only if n not in names]
     if missing:
@@ -227,36 +227,31 @@ def grpo_loss(logprobs, advantages, mask, n_tokens, ref_logprobs=None, kl_coef=0
     return loss
 
 
-def train_step(model, prompts, completions, advantages, micro_batch, grad_clip, d, pad_id=0,
+def train_step(model, prompts, completions, advantages, micro_batch_tokens, grad_clip, d, pad_id=0,
                ref_model=None, kl_coef=0.0):
     """
     The gradient of one batch from this process's rollouts (prompts[i] + completions[i], advantage[i]), clipped;
-    the caller takes the optimizer step. Every process
-    runs the same number of forward/backward passes (FSDP's collectives must pair up; a process with fewer rows
-    runs empty ones). Returns the batch's loss, grad norm, and the trainer log-probs of every sampled token
-    (row by row) for the sampler/trainer consistency check.
+    the caller takes the optimizer step. The rollouts are packed into rows of at most micro_batch_tokens tokens,
+    one row per forward/backward, and every process runs the same number of them (FSDP's collectives must pair
+    up; a process with fewer runs empty ones). Returns the batch's loss, grad norm, and the trainer log-probs of
+    every sampled token (per rollout) for the sampler/trainer consistency check.
     """
     n_local = sum(len(c.tokens) for c in completions)
     n_tokens = common.all_reduce_sum(torch.tensor(float(n_local), device=d.device), d).clamp(min=1)
-    n_micro = common.num_micro_batches(len(completions), micro_batch, d)
     adv = torch.as_tensor(advantages, dtype=torch.float32, device=d.device)
-    loss_sum, trainer_lp = torch.zeros((), device=d.device), []
-    for m in range(n_micro):
-        rows = slice(m * micro_batch, (m + 1) * micro_batch)
-        c_rows = completions[rows] or [sample.Completion([], [], "length")]           # an empty pass
-        p_rows = prompts[rows] or [[pad_id, pad_id]]
-        ids, targets = common.rollout_batch(p_rows, c_rows, pad_id)
-        mask = (targets >= 0).to(d.device)
-        lp = common.completion_logprobs(model, ids, targets, d.device)
+    loss_sum, trainer_lp = torch.zeros((), device=d.device), [None] * len(completions)
+    for rows in common.token_micro_batches(common.rollout_lengths(prompts, completions), micro_batch_tokens, d):
+        p_rows, c_rows = [prompts[i] for i in rows], [completions[i] for i in rows]
+        lp, mask = common.rollout_logprobs(model, p_rows, c_rows, d.device, pad_id)
         ref = None
         if ref_model is not None and kl_coef > 0:
             with torch.no_grad():
-                ref = common.completion_logprobs(ref_model, ids, targets, d.device)
-        a = adv[rows] if completions[rows] else torch.zeros(1, device=d.device)
-        loss = grpo_loss(lp, a, mask, n_tokens, ref, kl_coef)
+                ref = common.rollout_logprobs(ref_model, p_rows, c_rows, d.device, pad_id)[0]
+        loss = grpo_loss(lp, adv[rows], mask, n_tokens, ref, kl_coef)
         (loss * d.world_size).backward()              # FSDP averages gradients over processes: undo it
         loss_sum += loss.detach()
-        trainer_lp += [row[msk].tolist() for row, msk in zip(lp.detach().float(), mask)][:len(completions[rows])]
+        for i, row, msk in zip(rows, lp.detach().float(), mask):
+            trainer_lp[i] = row[msk].tolist()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     loss = common.all_reduce_sum(loss_sum, d).item()
@@ -386,7 +381,7 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, train_e
         n_kept = int(common.all_reduce_sum(torch.tensor(float(len(kept)), device=d.device), d).item())
         if n_kept:
             loss, grad_norm, trainer_lp = train_step(model, prompts, completions, advantages,
-                                                     stage.micro_batch, stage.grad_clip, d, tokenizer.pad_id,
+                                                     stage.micro_batch_tokens, stage.grad_clip, d, tokenizer.pad_id,
                                                      ref_model, stage.kl_coef)
             common.check_finite(step, loss=loss, grad_norm=grad_norm)
             optimizer.step()

@@ -43,11 +43,11 @@ def step():
         print(out.stdout.strip() or out.stderr[-2000:])
 
 
-# (preset, tokens per row, rows per forward): SFT packs seq_len rows; RL and MOPD train on prompt + response rows
-# (max_new_tokens 49152 plus about 1K of prompt), micro_batch of them per forward.
+# (preset, tokens per row, rows per forward): SFT packs seq_len rows; RL and MOPD pack rollouts (prompt +
+# response: max_new_tokens 49152 plus about 1K of prompt) into one row of micro_batch_tokens per forward.
 PRESETS = [("sft_nano_30b (seq_len from the preset)", None, 1),
-           ("rl_nano_30b, micro_batch 4", 50176, 4), ("rl_nano_30b, micro_batch 1", 50176, 1),
-           ("mopd_nano_30b, micro_batch 4", 50176, 4), ("mopd_nano_30b, micro_batch 1", 50176, 1)]
+           ("rl_nano_30b, 4 rows of 50176", 50176, 4), ("rl_nano_30b, micro_batch_tokens 50176", 50176, 1),
+           ("mopd_nano_30b, 4 rows of 50176", 50176, 4), ("mopd_nano_30b, micro_batch_tokens 50176", 50176, 1)]
 
 
 def table():

@@ -38,7 +38,7 @@ def test_loss_and_gradient_by_hand():
 
 
 def cfg_for(**kw):
-    return distill.MOPDConfig(**dict(dict(micro_batch=3, grad_clip=0.0), **kw))
+    return distill.MOPDConfig(**dict(dict(micro_batch_tokens=20, grad_clip=0.0), **kw))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_student_equal_to_teacher_learns_nothing(student_rollouts):
     model, prompts, outs = student_rollouts
     teacher = random_model(seed=4, vocab_size=64).requires_grad_(False)      # the same weights, frozen
     doms = ["x"] * 3 + ["y"] * 3
-    t_lp = distill.score_with_teachers({"t": teacher}, {"x": teacher, "y": teacher}, prompts, outs, doms, 4, D1, 0)
+    t_lp = distill.score_with_teachers({"t": teacher}, {"x": teacher, "y": teacher}, prompts, outs, doms, 20, D1, 0)
     model.zero_grad(set_to_none=True)
     stats = distill.train_step(model, prompts, outs, t_lp, doms, ["x", "y"], cfg_for(), D1, 0)
     assert abs(stats["reverse_kl"]) < 1e-6 and abs(stats["loss"]) < 1e-7
@@ -66,10 +66,11 @@ def test_each_row_is_scored_by_its_own_domain_teacher(student_rollouts):
     _, prompts, outs = student_rollouts
     t_x, t_y = random_model(seed=5, vocab_size=64), random_model(seed=6, vocab_size=64)
     doms = ["x", "y", "x", "y", "y", "x"]
-    got = distill.score_with_teachers({"a": t_x, "b": t_y}, {"x": t_x, "y": t_y}, prompts, outs, doms, 2, D1, 0)
+    got = distill.score_with_teachers({"a": t_x, "b": t_y}, {"x": t_x, "y": t_y}, prompts, outs, doms, 15, D1, 0)
     for i, dom in enumerate(doms):
         own, other = (t_x, t_y) if dom == "x" else (t_y, t_x)
-        ids, targets = common.rollout_batch([prompts[i]], [outs[i]])
+        ids = torch.tensor([prompts[i] + outs[i].tokens[:-1]])                  # the rollout alone, unpacked
+        targets = torch.tensor([[-100] * (len(prompts[i]) - 1) + outs[i].tokens])
         with torch.no_grad():
             want = own(ids, targets=targets)[targets >= 0]
             wrong = other(ids, targets=targets)[targets >= 0]
@@ -81,7 +82,7 @@ def test_toy_pair_student_moves_to_the_teacher(tmp_path):
     A, B, STOP = 294, 1181, 4                      # ' the', ' cat', <|im_end|>
     teacher = Model.from_pretrained(toy_export(tmp_path / "t", {A: 3.0, B: -1.0, STOP: 1.0})).requires_grad_(False)
     student = Model.from_pretrained(toy_export(tmp_path / "s", {A: -1.0, B: 3.0, STOP: 1.0}))
-    cfg = cfg_for(micro_batch=16, lr=3e-2, grad_clip=1.0)
+    cfg = cfg_for(micro_batch_tokens=16, lr=3e-2, grad_clip=1.0)
     optimizer = common.make_optimizer(student, cfg.lr, cfg.betas, 0.0)
     prompts = [[1, 3, 30 + k] for k in range(4)]
     kls, share_a = [], []

@@ -117,7 +117,7 @@ def rollouts():
 
 def test_sampler_logprobs_equal_trainer_logprobs(rollouts):
     model, prompts, outs = rollouts
-    _, _, trainer_lp = rl.train_step(model, prompts, outs, [0.0] * len(outs), 4, 0.0, D1)
+    _, _, trainer_lp = rl.train_step(model, prompts, outs, [0.0] * len(outs), 20, 0.0, D1)   # packed rows
     model.zero_grad(set_to_none=True)
     for c, t in zip(outs, trainer_lp):
         assert len(t) == len(c.tokens)
@@ -138,12 +138,47 @@ def test_gradient_is_reinforce_for_any_micro_batching(rollouts):
         logp = model(ids)[0, len(p) - 1:].log_softmax(-1)
         (-(a / n_tokens) * logp.gather(-1, torch.tensor(c.tokens)[:, None]).sum()).backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for micro, kl in ((1, 0.0), (4, 0.0), (6, 0.0), (4, 0.5)):
+    lengths = common.rollout_lengths(prompts, outs)
+    # token budgets: one rollout per row; two or three per row; all six in one row; packed, with the KL term
+    for budget, kl in ((1, 0.0), (max(lengths) + min(lengths), 0.0), (sum(lengths), 0.0), (20, 0.5)):
         # (the k3 KL to a reference equal to the policy is 0 with a zero gradient: the same gradient again)
         model.zero_grad(set_to_none=True)
-        rl.train_step(model, prompts, outs, adv, micro, 0.0, D1, ref_model=model if kl else None, kl_coef=kl)
+        rl.train_step(model, prompts, outs, adv, budget, 0.0, D1, ref_model=model if kl else None, kl_coef=kl)
         for n, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, reference[n], atol=1e-6, rtol=1e-4, msg=f"{n}, micro_batch {micro}")
+            torch.testing.assert_close(p.grad, reference[n], atol=1e-6, rtol=1e-4, msg=f"{n}, budget {budget}")
+    model.zero_grad(set_to_none=True)
+
+
+def test_token_micro_batches_pack_within_the_budget():
+    lengths = [7, 3, 9, 2, 5, 12, 1, 4]
+    for budget in (1, 9, 12, 16, 100):
+        bins = common.token_micro_batches(lengths, budget, D1)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))       # each rollout exactly once
+        for b in bins:
+            assert b == sorted(b) and (len(b) == 1 or sum(lengths[i] for i in b) <= budget), (budget, bins)
+        # first-fit decreasing: no two bins could have been one
+        loads = sorted(sum(lengths[i] for i in b) for b in bins)
+        assert len(bins) == 1 or loads[0] + loads[1] > budget, (budget, bins)
+    assert common.token_micro_batches(lengths, 100, D1) == [list(range(len(lengths)))]
+    assert common.token_micro_batches([], 100, D1) == []
+
+
+def test_packed_logprobs_equal_one_rollout_at_a_time(rollouts):
+    model, prompts, outs = rollouts
+    with torch.no_grad():
+        lp, mask = common.rollout_logprobs(model, prompts, outs, "cpu")
+        assert lp.shape == (len(outs), max(len(c.tokens) for c in outs))
+        for i, (p, c) in enumerate(zip(prompts, outs)):
+            logits = model(torch.tensor([p + c.tokens[:-1]]))[0, len(p) - 1:]
+            want = logits.log_softmax(-1).gather(-1, torch.tensor(c.tokens)[:, None])[:, 0]
+            assert mask[i].sum() == len(c.tokens) and not lp[i][~mask[i]].any()
+            torch.testing.assert_close(lp[i][mask[i]], want, atol=2e-5, rtol=0)
+    # the empty pass (a process with fewer micro-batches): runs the model, contributes nothing, backward works
+    lp, mask = common.rollout_logprobs(model, [], [], "cpu")
+    assert lp.shape == (0, 1) and not mask.any()
+    model.zero_grad(set_to_none=True)
+    rl.grpo_loss(lp, torch.zeros(0), mask, 1.0).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     model.zero_grad(set_to_none=True)
 
 
@@ -223,7 +258,7 @@ IF_ROW = {"domain": "if", "messages": [{"role": "user", "content": "Write about 
           "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
 MCQA_ROW = {"domain": "mcqa", "messages": [{"role": "user", "content": "Pick one.\nA. x\nB. y\nAnswer in \\boxed{}."}],
             "answer": "A", "options": [{"A": "x"}, {"B": "y"}]}
-STAGES = [dict(name="a", domains=["if"], steps=3, prompts_per_step=2, rollouts=4, micro_batch=3, lr=1e-2,
+STAGES = [dict(name="a", domains=["if"], steps=3, prompts_per_step=2, rollouts=4, micro_batch_tokens=30, lr=1e-2,
                max_new_tokens=12, thinking=False),
           dict(name="b", domains=["if", "mcqa"], weights=[1, 1], steps=2, prompts_per_step=2, rollouts=4, lr=1e-2,
                max_new_tokens=12, thinking=False, max_fill_rounds=1)]
