@@ -8,10 +8,12 @@ import sys
 
 from . import load_examples
 from .math import _math_worker_main
-from .sandbox import _sandbox_python, run_program
+from .sandbox import _launcher_main, _probe_features, _sandbox_python, run_program
 
 if sys.argv[1:] == ["_math_worker"]:  # the math verifier's worker process (tasks/math.py)
     _math_worker_main()
+elif sys.argv[1:] == ["_sandbox_launcher"]:  # starts the sandbox's confined runs (tasks/sandbox.py)
+    _launcher_main()
 elif sys.argv[1:2] == ["check"] and len(sys.argv) > 2:
     loaded = load_examples(sys.argv[2], *(sys.argv[3:4] or [None]), config=(sys.argv[4:5] or [None])[0])
     counts = collections.Counter(e["domain"] for e in loaded)
@@ -23,8 +25,7 @@ elif sys.argv[1:2] == ["check"] and len(sys.argv) > 2:
               f"(graded domains: {', '.join(GRADED_DOMAINS)})")
 elif sys.argv[1:] == ["sandbox"]:
     result = run_program("print(input()[::-1])", "olleh\n")
-    from . import sandbox
-    print(f"sandbox layers: {sandbox.SANDBOX_FEATURES}; python: {_sandbox_python()}; "
+    print(f"sandbox layers: {_probe_features()}; python: {_sandbox_python()}; "
           f"test run: {result.status} {result.stdout!r}")
 else:
     print("usage: python -m tasks check FILE [SPLIT [CONFIG]]  |  python -m tasks sandbox")

@@ -4,13 +4,20 @@ verifier) and scoring. The domains themselves are the other files of the package
 Only the standard library is imported at the top: `datasets` is imported where it is used.
 """
 
+import atexit
 import collections
 import json
 import os
+import queue
+import select
+import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+_REPO_ROOT = Path(__file__).resolve().parent.parent  # where `python -m tasks` finds the package
+DATA_DIR = _REPO_ROOT / "data"
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -441,3 +448,76 @@ def format_score_table(scores: dict) -> str:
     return "\n".join(rows)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Helper processes: work that must not run in the caller (math-verify's signal timeouts need a main thread; the
+# sandbox forks its confined runs, which is cheap only from a small process)
+
+
+class JsonWorker:
+    """One `python -m tasks NAME` process, spoken to in JSON lines: one request in, one reply out."""
+
+    def __init__(self, name: str, hint: str = ""):
+        self.proc = subprocess.Popen([sys.executable, "-m", "tasks", name], cwd=_REPO_ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, bufsize=1, start_new_session=True)
+        if self._read_line(120.0) != "ready":  # math's imports (sympy, math_verify) take a second or two
+            self.kill()
+            raise RuntimeError(f"the {name} worker process did not start{': ' + hint if hint else ''}")
+
+    def _read_line(self, timeout: float):
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline().strip() if ready else None
+
+    def request(self, message, timeout: float):
+        """The reply, or None if the worker overran `timeout` or died (it is then killed)."""
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+        except OSError:  # the worker died (e.g. its memory limit)
+            self.kill()
+            return None
+        line = self._read_line(timeout)
+        if not line:
+            self.kill()
+            return None
+        return json.loads(line)
+
+    def kill(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def alive(self):
+        return self.proc.poll() is None
+
+
+class WorkerPool:
+    """Idle JsonWorkers of one kind: a thread takes one (or starts one) per request and puts it back after, so
+    there are as many as there are concurrent callers. Stopped at exit."""
+
+    def __init__(self, name: str, hint: str = ""):
+        self.name, self.hint, self.idle = name, hint, queue.LifoQueue()
+        atexit.register(self.stop)
+
+    def request(self, message, timeout: float):
+        """The reply, or None if the worker overran `timeout` or died (a new one serves the next request)."""
+        try:
+            worker = self.idle.get_nowait()
+        except queue.Empty:
+            worker = JsonWorker(self.name, self.hint)
+        reply = worker.request(message, timeout)
+        if reply is not None and worker.alive():
+            self.idle.put(worker)
+        return reply
+
+    def stop(self):
+        while not self.idle.empty():
+            self.idle.get_nowait().kill()
+
+
+def serve_json_lines(handle):
+    """A worker's loop: "ready", then one JSON reply line per JSON request line, until stdin closes."""
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(json.dumps(handle(json.loads(line))), flush=True)

@@ -4,22 +4,11 @@ The math domain: the last \\boxed{...} of the answer against the reference answe
     {"domain": "math", "messages": [...], "answer": "42"}
 """
 
-import atexit
-import json
-import os
-import queue
 import re
 import resource
-import select
-import signal
-import subprocess
-import sys
 from fractions import Fraction
-from pathlib import Path
 
-from .core import _answer_str
-
-_REPO_ROOT = Path(__file__).resolve().parent.parent  # where `python -m tasks` finds the package
+from .core import WorkerPool, _answer_str, serve_json_lines
 
 #
 # Most answers are plain numbers, and two numbers compare exactly with Fraction: that path costs microseconds.
@@ -92,64 +81,11 @@ def reward(example: dict, answer: str, *, math_timeout=5.0, **_) -> float:
     return math_reward(example["answer"], answer, timeout=math_timeout)
 
 
-class _MathWorker:
-    """One `python -m tasks _math_worker` process: a JSON line in ({gold, predicted, timeout}), a JSON line out."""
-
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-m", "tasks", "_math_worker"], cwd=_REPO_ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, bufsize=1, start_new_session=True)
-        if self._read_line(120.0) != "ready":  # importing sympy + math_verify takes a second or two
-            self.kill()
-            raise RuntimeError("the math-verify worker did not start: is math-verify installed? "
-                               "(pip install math-verify)")
-
-    def _read_line(self, timeout: float):
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        return self.proc.stdout.readline().strip() if ready else None
-
-    def verify(self, gold: str, predicted: str, timeout: float):
-        """True / False, or None if the worker overran `timeout` or died (it is then killed)."""
-        try:
-            self.proc.stdin.write(json.dumps({"gold": gold, "predicted": predicted, "timeout": timeout}) + "\n")
-        except OSError:  # the worker died (e.g. its memory limit)
-            self.kill()
-            return None
-        line = self._read_line(timeout)
-        if line is None or not line:
-            self.kill()
-            return None
-        return json.loads(line)
-
-    def kill(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-
-    def alive(self):
-        return self.proc.poll() is None
-
-
-_math_workers = queue.LifoQueue()  # idle workers; a thread takes one (or starts one) per request
+_math_workers = WorkerPool("_math_worker", hint="is math-verify installed? (pip install math-verify)")
 
 
 def _math_verify(gold: str, predicted: str, timeout: float) -> float:
-    try:
-        worker = _math_workers.get_nowait()
-    except queue.Empty:
-        worker = _MathWorker()
-    result = worker.verify(gold, predicted, timeout)
-    if result is not None and worker.alive():
-        _math_workers.put(worker)
-    return 1.0 if result else 0.0
-
-
-@atexit.register
-def _stop_math_workers():
-    while not _math_workers.empty():
-        _math_workers.get_nowait().kill()
+    return 1.0 if _math_workers.request({"gold": gold, "predicted": predicted, "timeout": timeout}, timeout) else 0.0
 
 
 def _math_worker_main():
@@ -157,16 +93,15 @@ def _math_worker_main():
     main thread. Its timeout exception is a BaseException, hence the broad except: any failure scores 0."""
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a runaway sympy computation fails, not the machine
     from math_verify import parse, verify
-    print("ready", flush=True)
-    for line in sys.stdin:
-        request = json.loads(line)
+
+    def handle(request):
         seconds = max(1, int(request["timeout"]))
         try:
             gold = parse("\\boxed{" + request["gold"] + "}", parsing_timeout=seconds)
             predicted = parse("\\boxed{" + request["predicted"] + "}", parsing_timeout=seconds)
-            ok = bool(gold) and bool(predicted) and verify(gold, predicted, timeout_seconds=seconds)
+            return bool(bool(gold) and bool(predicted) and verify(gold, predicted, timeout_seconds=seconds))
         except BaseException:  # noqa: B036 -- math_verify's TimeoutException derives from BaseException
-            ok = False
-        print(json.dumps(bool(ok)), flush=True)
+            return False
+    serve_json_lines(handle)
 
 

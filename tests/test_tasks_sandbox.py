@@ -234,3 +234,13 @@ def test_many_programs_grade_in_parallel(clean_machine):
     jobs = [(SUM, t["input"]) for t in TESTS] * 4
     results = tasks.run_programs(jobs, LIMITS, workers=2)
     assert [r.stdout for r in results] == [t["output"] for t in TESTS] * 4
+
+
+def test_runs_are_started_by_a_reused_launcher_not_the_caller(clean_machine):
+    # the caller never forks (a fork copies the caller's page tables: ~50 ms per GB resident); the launcher is
+    # kept between runs, and one that died is replaced on the next run
+    parent = lambda: int(tasks.run_program("import os\nprint(os.getppid())", "", LIMITS).stdout)
+    first = parent()
+    assert first != os.getpid() and parent() == first
+    tasks.sandbox._launchers.stop()                                  # kills the idle launcher
+    assert parent() not in (first, os.getpid())
