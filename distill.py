@@ -81,10 +81,11 @@ class MOPDConfig:
 
 def pick_teachers(cascade, domains, overrides, source):
     """{domain: (row name, checkpoint dir, score)}: the best-scoring row per domain (ties: the later row), or the
-    row name / export directory given for it in overrides ("domain=name_or_dir")."""
+    row name / export directory given for it in overrides ("domain=name_or_dir"). A "mopd" row already in the
+    cascade (MOPD being redone) is never picked: the student's own earlier result is not one of its teachers."""
     chosen = {}
     for dom in domains:
-        rows = [r for r in cascade["rows"] if dom in r["scores"]]
+        rows = [r for r in cascade["rows"] if dom in r["scores"] and r["name"] != "mopd"]
         if not rows:
             raise common.ConfigError(f"{source}: no checkpoint has a score on domain {dom!r}")
         best = max(reversed(rows), key=lambda r: r["scores"][dom])         # max keeps the first of ties

@@ -157,6 +157,17 @@ def test_teachers_row_resume_and_skip(cascade_dir, capsys):
     assert "finished earlier" in capsys.readouterr().out
 
 
+def test_a_redone_mopd_never_teaches_itself():
+    # MOPD redone (its directory deleted, its row still in cascade.json): the old "mopd" row, best on mcqa and tied
+    # on if (ties go to the later row), must not become a teacher; named in --teachers it still may
+    rows = [dict(name="sft", checkpoint="s", scores={"if": 0.5, "mcqa": 0.1}),
+            dict(name="a", checkpoint="a", scores={"if": 0.4, "mcqa": 0.3}),
+            dict(name="mopd", checkpoint="m", scores={"if": 0.5, "mcqa": 0.9})]
+    chosen = distill.pick_teachers(dict(rows=rows), ["if", "mcqa"], [], "c.json")
+    assert chosen == {"if": ("sft", "s", 0.5), "mcqa": ("a", "a", 0.3)}
+    assert distill.pick_teachers(dict(rows=rows), ["mcqa"], ["mcqa=mopd"], "c.json")["mcqa"][0] == "mopd"
+
+
 def test_refuses_a_teacher_with_another_vocabulary(cascade_dir):
     root = cascade_dir
     other = toy_export(root / "other", {4: 0.0})
