@@ -48,7 +48,7 @@ class MOPDConfig:
     eval_every: int = 0  # held-out evaluation every N steps (0 = only at the end)
     # defaults for the tiny CPU run; configs/mopd_nano_30b.json has the paper's (128 prompts x 4 rollouts, lr 2e-6
     # with a 30-step linear warmup from 2e-7, about 40-50 steps)
-    steps: int = 20  # optimizer steps, one per batch
+    steps: int = 40  # optimizer steps, one per batch
     prompts_per_step: int = 8  # prompts per batch, across processes
     rollouts: int = 4  # student completions per prompt
     micro_batch_tokens: int = 4096  # tokens per forward/backward on each process: rollouts packed in one row

@@ -10,7 +10,7 @@
 #
 #   ./run.sh                                  # everything, seed 0, into out/
 #   ./run.sh --seed 1 --out out/seed1         # another seed, another directory
-#   ./run.sh --sft.lr=1e-3 --rl.eval_per_domain=50 --mopd.steps=40    # options for one stage
+#   ./run.sh --sft.lr=1e-3 --rl.eval_per_domain=50 --mopd.steps=60    # options for one stage
 #   ./run.sh --help                           # this text; `python sft.py --help` (rl.py, distill.py) per stage
 #
 # Options: --out DIR and --seed N go to every stage; --sft.X=V, --rl.X=V and --mopd.X=V become --X=V of sft.py,
