@@ -265,9 +265,11 @@ def train_step(model, prompts, completions, advantages, micro_batch_tokens, grad
 def grade(examples, texts, finished, workers=None):
     """Reward of each response; a response cut off by the token budget scores 0 without being graded. Graded in
     parallel threads (code runs in sandbox processes, math in its worker processes: a thread mostly waits on a
-    process, so two per core grade code about 25% faster than one on the tiny default)."""
+    process, so two per core grade code about 25% faster than one on the tiny default). At most 64 threads: as
+    root no more sandbox runs than that go at once on a machine (its 64 throwaway uids), and each thread keeps a
+    sandbox launcher and a math worker process alive (18 MB and more each): 2 x 192 cores would hold hundreds."""
     jobs = [i for i, ok in enumerate(finished) if ok]
-    with ThreadPoolExecutor(max_workers=workers or 2 * (os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=workers or min(2 * (os.cpu_count() or 1), 64)) as pool:
         scores = list(pool.map(lambda i: tasks.reward(examples[i], texts[i]), jobs))
     rewards = [0.0] * len(texts)
     for i, r in zip(jobs, scores):
