@@ -933,7 +933,8 @@ def prompt_pools(examples, domains, tokenizer, thinking, max_new_tokens, context
     """
     Per domain, its examples and their chat-template prompt ids (generation prompt, thinking or not). Named errors
     for a domain with no prompts in `source` and for a prompt that does not fit the model's context with the
-    generation budget.
+    generation budget. The ids are int32 arrays (4 bytes a token, where a list holds a 36-byte Python int per
+    token): take .tolist() of the ones drawn.
     """
     import sample
     pools, prompt_ids = [], []
@@ -941,9 +942,10 @@ def prompt_pools(examples, domains, tokenizer, thinking, max_new_tokens, context
         pool = [ex for ex in examples if ex["domain"] == dom]
         if not pool:
             raise ConfigError(f"{source} has no prompts of domain {dom!r}")
-        prompt_ids.append(sample.encode_prompts(tokenizer, pool, thinking, context, max_new_tokens,
-                                                source=f"{source}, domain {dom!r}",
-                                                hint="shorten it or lower max_new_tokens"))
+        prompt_ids.append([np.asarray(ids, dtype=np.int32) for ids in
+                           sample.encode_prompts(tokenizer, pool, thinking, context, max_new_tokens,
+                                                 source=f"{source}, domain {dom!r}",
+                                                 hint="shorten it or lower max_new_tokens")])
         pools.append(pool)
     return pools, prompt_ids
 

@@ -224,10 +224,11 @@ def main(cfg: MOPDConfig):
         # 1. the student samples (its own log-probs come back with the tokens)
         t0 = time.perf_counter()
         draws = common.draw_prompts(pools, weights, cfg.prompts_per_step, cfg.seed, 0, step, 0)[d.rank::d.world_size]
-        prompts = [prompt_ids[k][i] for k, i in draws for _ in range(cfg.rollouts)]
+        drawn = [prompt_ids[k][i].tolist() for k, i in draws]
+        prompts = [p for p in drawn for _ in range(cfg.rollouts)]
         row_domains = [domains[k] for k, _ in draws for _ in range(cfg.rollouts)]
         with sample.sampling_weights(model):
-            outs = sample.generate(model, [prompt_ids[k][i] for k, i in draws], cfg.max_new_tokens,
+            outs = sample.generate(model, drawn, cfg.max_new_tokens,
                                    temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.rollouts,
                                    stop_token_ids=tokenizer.stop_token_ids,
                                    seed=common.rollout_seed(cfg.seed, 0, step, d.rank, 0))

@@ -313,7 +313,7 @@ def fill_batch(rollout_round, prompts_per_step, dynamic_filtering, max_fill_roun
 # One stage
 
 
-def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, train_examples, eval_examples):
+def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_prompts, eval_examples):
     stage_dir = os.path.join(cfg.out_dir, stage.name)
     common.claim_out_dir(stage_dir, "rl", Model.config_from_pretrained(start_from))     # one run at a time
     model = common.load_policy(start_from, d, cfg.bf16, cfg.activation_checkpointing)
@@ -326,10 +326,7 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, train_e
     if start_step == 0 and d.is_main and not any(r["step"] == 0 for r in logged):
         log.log(0, **{f"eval_{dom}": s for dom, s in start_scores.items()})     # the start: the previous row
 
-    # the stage's prompts, encoded once, with the named checks
-    pools, prompt_ids = common.prompt_pools(train_examples, stage.domains, tokenizer, stage.thinking,
-                                            stage.max_new_tokens, model.config.max_position_embeddings,
-                                            train_source(cfg, stage))
+    pools, prompt_ids = stage_prompts                       # encoded and checked once, by main, before any model
     weights = stage.weights or [1.0] * len(stage.domains)
     if d.is_main:
         sizes = ", ".join(f"{len(p)} {dom}" for p, dom in zip(pools, stage.domains))
@@ -338,7 +335,7 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, train_e
 
     def rollout_round(step, rnd, count):
         draws = common.draw_prompts(pools, weights, count, cfg.seed, index, step, rnd)[d.rank::d.world_size]
-        prompts = [prompt_ids[k][i] for k, i in draws]
+        prompts = [prompt_ids[k][i].tolist() for k, i in draws]
         t0 = time.perf_counter()
         outs, per_call = [], stage.sample_batch or max(len(prompts), 1)
         with sample.sampling_weights(model):                 # the weights are gathered once for all the calls
@@ -475,10 +472,11 @@ def main(cfg: RLConfig, stages: list, source="preset"):
     context = init_config.max_position_embeddings
     sample.encode_prompts(tokenizer, eval_examples, cfg.eval_thinking, context, cfg.eval_max_new_tokens,
                           source=f"--eval_data {cfg.eval_data}", hint="shorten it or lower --eval_max_new_tokens")
-    for stage in stages:                     # every stage still to run: its prompts fit, before any model loads
+    stage_prompts = {}                       # every stage still to run: its prompts encoded once, and checked to
+    for stage in stages:                     # fit, before any model loads
         if finished_row(cfg, stage, cascade_path) is None:
-            common.prompt_pools(train_examples, stage.domains, tokenizer, stage.thinking, stage.max_new_tokens,
-                                context, train_source(cfg, stage))
+            stage_prompts[stage.name] = common.prompt_pools(train_examples, stage.domains, tokenizer, stage.thinking,
+                                                            stage.max_new_tokens, context, train_source(cfg, stage))
     evaluation = dict(data=cfg.eval_data, per_domain=cfg.eval_per_domain, max_new_tokens=cfg.eval_max_new_tokens,
                       thinking=cfg.eval_thinking, greedy=True)
     common.check_evaluation(common.read_cascade(cascade_path), evaluation, cascade_path)
@@ -509,8 +507,8 @@ def main(cfg: RLConfig, stages: list, source="preset"):
         t0 = time.perf_counter()
         start_scores = next(r["scores"] for r in common.read_cascade(cascade_path)["rows"]
                             if r["checkpoint"] == os.path.abspath(start_from))
-        export_dir, scores = run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, train_examples,
-                                       eval_examples)
+        export_dir, scores = run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer,
+                                       stage_prompts.pop(stage.name), eval_examples)
         common.write_cascade_row(cascade_path, dict(name=stage.name, checkpoint=os.path.abspath(export_dir),
                                                     trained=list(stage.domains), scores=scores,
                                                     seconds=round(time.perf_counter() - t0, 1)), d, evaluation)

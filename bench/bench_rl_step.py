@@ -75,7 +75,7 @@ def main():
     for domains in (["if"], ["mcqa", "tool", "json"], ["code"]):
         _, ids = common.prompt_pools(examples, domains, tokenizer, True, args.new_tokens,
                                          model.config.max_position_embeddings, "data/rl.jsonl")
-        prompt_ids = [p for k in range(len(domains)) for p in ids[k][:args.prompts // len(domains) + 1]]
+        prompt_ids = [p.tolist() for k in range(len(domains)) for p in ids[k][:args.prompts // len(domains) + 1]]
         prompt_ids = prompt_ids[:args.prompts]
         outs = sample.generate(model, prompt_ids, args.new_tokens, n=args.rollouts, seed=0,
                                stop_token_ids=list(range(100, 100 + args.stop_tokens)))

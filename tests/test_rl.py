@@ -293,11 +293,16 @@ def stage_losses(out_dir, stage):
     return [(r["step"], r["loss"], r["reward"]) for r in rows if "loss" in r]
 
 
-def test_cascade_json_rows_and_skip_on_rerun(toy_run_dir, capsys):
+def test_cascade_json_rows_and_skip_on_rerun(toy_run_dir, capsys, monkeypatch):
     root = toy_run_dir
+    encoded, encode = [], sample.encode_prompts                     # training prompts: encoded once per stage
+    monkeypatch.setattr(sample, "encode_prompts",
+                        lambda *a, **k: encoded.append(str(k.get("source"))) or encode(*a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cascade = run_rl(root, "full")
+    assert sorted(src.split(": --train_data")[0] + src.split(",")[-1] for src in encoded if "stage '" in src) == \
+        ["stage 'a' domain 'if'", "stage 'b' domain 'if'", "stage 'b' domain 'mcqa'"]
     assert [r["name"] for r in cascade["rows"]] == ["sft", "a", "b"]
     assert cascade["evaluation"] == dict(data=str(root / "eval.jsonl"), per_domain=1, max_new_tokens=8,
                                          thinking=True, greedy=True)
@@ -316,8 +321,10 @@ def test_cascade_json_rows_and_skip_on_rerun(toy_run_dir, capsys):
     assert metrics["logprob_diff_max"] < 1e-4                          # sampler == trainer in fp32
     capsys.readouterr()
     mtime = os.path.getmtime(root / "full" / "b" / "metrics.jsonl")
+    encoded.clear()
     again = run_rl(root, "full")
     assert "a]: finished earlier" in capsys.readouterr().out
+    assert not [src for src in encoded if "stage '" in src]            # finished stages: nothing encoded
     assert again == cascade and os.path.getmtime(root / "full" / "b" / "metrics.jsonl") == mtime
     with pytest.raises(common.ConfigError, match="rows were scored with .*per_domain': 1.* not .*per_domain': 2"):
         run_rl(root, "full", eval_per_domain=2)                       # rows scored otherwise would not compare
