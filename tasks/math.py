@@ -99,7 +99,7 @@ def _math_worker_main():
         try:
             gold = parse("\\boxed{" + request["gold"] + "}", parsing_timeout=seconds)
             predicted = parse("\\boxed{" + request["predicted"] + "}", parsing_timeout=seconds)
-            return bool(bool(gold) and bool(predicted) and verify(gold, predicted, timeout_seconds=seconds))
+            return bool(gold and predicted and verify(gold, predicted, timeout_seconds=seconds))
         except BaseException:  # noqa: B036 -- math_verify's TimeoutException derives from BaseException
             return False
     serve_json_lines(handle)
