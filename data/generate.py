@@ -14,7 +14,7 @@ has a knob that keeps some of it out of reach after SFT, which is what RL is for
     math  arithmetic word problems; the answer in \\boxed{}; one or two steps on one-digit numbers (the times table)
     if    "write a sentence about X" under one or two IFEval constraints (case, ending phrase, keyword, word or
           sentence count, JSON, no comma, quotation, title, postscript, forbidden word, first / last word)
-    mcqa  which of four options is a city (an animal, a color, a food); the letter in \\boxed{}
+    mcqa  which of four one-digit numbers is even (odd, a prime, a square); the letter in \\boxed{}
     json  an object following a small schema (2-4 fields drawn from a kind's fields) with values from the prompt;
           half the prompts also give a detail the schema has no field for (the strict schema forbids it)
     code  tiny stdin -> stdout Python programs (sum, max, reverse, count, ...), with a parameter (an offset, a
@@ -28,7 +28,7 @@ The SFT answers come from an imperfect teacher: in each RL domain one kind of pr
 its SFT rows, an answer with a habit the verifier rejects, marked "teacher_slip" (see SLIP_RATE below):
 
     if    a word count or format rule (lowercase, capitals, title, quotation marks, JSON) ignored
-    mcqa  city and food questions: the option's text boxed instead of its letter
+    mcqa  even and prime questions: the option's number boxed instead of its letter
     json  events and products: an "id" field the strict schema does not have
     code  "Read an integer n" / "Read two integers" problems: print("Answer:", ...) instead of the bare answer
     tool  calculate and convert questions: answered in prose instead of calling the tool
@@ -59,7 +59,7 @@ COUNTS = {"sft": 1000, "rl": 400, "eval": 100}  # per domain, except:
 DOMAIN_COUNTS = {
     "code": {"sft": 400, "rl": 200, "eval": 100},  # fewer distinct problems (family x parameter)
     "json": {"sft": 500, "rl": 400, "eval": 100},  # learnt fast: fewer SFT rows keep it below the ceiling
-    "mcqa": {"sft": 2000, "rl": 400, "eval": 100},  # short rows; looking up the option is the slowest skill
+    "mcqa": {"sft": 2000, "rl": 400, "eval": 100},  # short rows
     "tool": {"sft": 700, "rl": 400, "eval": 100},  # examples 3-4 times longer (the tools in the prompt)
 }
 
@@ -293,39 +293,42 @@ def make_if(rng):
 
 
 # -----------------------------------------------------------------------------
-# mcqa: which of four options belongs to a category (a city, an animal, a color, a food): the knowledge is which
-# word is what, learnt in SFT; the letter in \\boxed{}. One lookup over the options, and still at chance after
-# the tiny SFT, like the fact-base questions before it: the tiny model does not yet find things in its prompt
-# (README, "What the tiny run shows").
+# mcqa: which of four one-digit numbers has a property (even, odd, a prime, a square): the knowledge is which number
+# is what, learnt in SFT; the letter in \\boxed{}. Built around what the tiny model can read from its prompt (README,
+# "What the tiny run shows"): a digit at a known place, as in math's "has 3 ... gets 4" -> "3 + 4", but not a thing
+# picked by its content. With words as options (which of these is a city, an animal, ...) it named a word of the
+# right category but mostly not the one offered; with digits and the thought "The even number is 4, option B" it
+# named the right number every time and the letter at chance. So the thought checks the options in order.
 
 CITIES = ["Oslo", "Lima", "Cairo", "Kyoto", "Porto", "Quito", "Riga", "Tunis", "Perth", "Bern", "Dakar", "Hanoi"]
-CATEGORIES = {
-    "city": CITIES,
-    "animal": ["fox", "owl", "bear", "wolf", "crane", "lynx", "otter", "hare", "eagle", "seal", "heron", "boar"],
-    "color": ["red", "green", "blue", "gold", "white", "black", "purple", "orange", "silver", "brown"],
-    "food": ["rice", "bread", "fish", "beans", "cheese", "noodles", "soup", "corn", "plums", "honey"],
-}
-MCQA_QUESTIONS = ["Which of these is a {}?", "Which option names a {}?", "One of these is a {}. Which one?"]
-MCQA_SLIPPED = ("city", "food")  # the slip: for these the teacher boxes the option's text, not its letter
+MCQA_PROPERTIES = {"even": {0, 2, 4, 6, 8}, "odd": {1, 3, 5, 7, 9}, "prime": {2, 3, 5, 7}, "square": {0, 1, 4, 9}}
+MCQA_ADJECTIVES = {"even": "even", "odd": "odd", "prime": "prime", "square": "a square"}
+MCQA_QUESTIONS = ["Which of these is {}?", "Which option is {}?", "One of these is {}. Which one?"]
+MCQA_SLIPPED = ("even", "prime")  # the slip: for these the teacher boxes the number, not its letter
 
 
 def make_mcqa(rng):
-    category = rng.choice(sorted(CATEGORIES))
-    correct = rng.choice(CATEGORIES[category])
-    others = [c for c in sorted(CATEGORIES) if c != category]
-    distractors = [rng.choice(CATEGORIES[c]) for c in others]
-    choices = [correct] + distractors
+    prop = rng.choice(sorted(MCQA_PROPERTIES))
+    numbers = MCQA_PROPERTIES[prop]
+    correct = rng.choice(sorted(numbers))
+    choices = [correct] + rng.sample(sorted(set(range(10)) - numbers), 3)
     rng.shuffle(choices)
     letters = "ABCD"
     letter = letters[choices.index(correct)]
-    prompt = (rng.choice(MCQA_QUESTIONS).format(category) + "\n"
-              + "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices)) + "\nAnswer with the letter in \\boxed{}.")
+    question = rng.choice(MCQA_QUESTIONS).format(f"{'an' if prop[0] in 'aeiou' else 'a'} {prop} number")
+    options = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices))
+    prompt = f"{question}\n{options}\nAnswer with the letter in \\boxed{{}}."
     example = {"domain": "mcqa", "messages": [{"role": "user", "content": prompt}], "answer": letter,
-               "options": [{letters[i]: c} for i, c in enumerate(choices)]}
-    trace = f"The {category} is {correct}, option {letter}."
+               "options": [{letters[i]: str(c)} for i, c in enumerate(choices)]}
+    # the thought checks the options in order and stops at the first that has the property: each step reads the
+    # option at a known place and names its own letter, where picking the letter of a number named in the
+    # thought would be a lookup by content, which the tiny model does not learn (README, "What the tiny run shows")
+    adjective = MCQA_ADJECTIVES[prop]
+    lines = [f"{letters[i]}. {c} is not {adjective}." for i, c in enumerate(choices[:letters.index(letter)])]
+    trace = "\n".join(lines + [f"{letter}. {correct} is {adjective}, option {letter}."])
     slip = None
-    if category in MCQA_SLIPPED:
-        slip = {"why": "boxed the option's text, not its letter",
+    if prop in MCQA_SLIPPED:
+        slip = {"why": "boxed the option's number, not its letter",
                 "turns": [answer_turn(trace, f"The answer is \\boxed{{{correct}}}.")]}
     return example, trace, f"The answer is \\boxed{{{letter}}}.", slip
 
