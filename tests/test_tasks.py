@@ -284,6 +284,27 @@ def test_shipped_splits_load_cover_every_domain_and_are_disjoint(shipped):
     assert size < 5e6
 
 
+def test_shipped_mcqa_thoughts_check_the_options_in_order_and_stop_at_the_right_one(shipped):
+    """The MCQA thought is the skill SFT teaches (the reward grades only the boxed letter): one line per option,
+    in the prompt's order, each judged rightly, up to and including the answer's, whose letter it names."""
+    sys.path.insert(0, str(ROOT / "data"))
+    import generate
+    rows = [e for e in shipped["sft"] if e["domain"] == "mcqa"]
+    assert len(rows) == generate.split_counts("mcqa")["sft"]
+    for e in rows:
+        prop = next(p for p in generate.MCQA_PROPERTIES if f" {p} number" in e["messages"][0]["content"])
+        adjective, numbers = generate.MCQA_ADJECTIVES[prop], generate.MCQA_PROPERTIES[prop]
+        thought = e["messages"][-1]["content"].split("<think>\n")[1].split("\n</think>")[0].split("\n")
+        options = [next(iter(o.items())) for o in e["options"]]
+        answer_at = [letter for letter, _ in options].index(e["answer"])
+        assert len(thought) == answer_at + 1, e
+        for line, (letter, number) in zip(thought, options):
+            fits = int(number) in numbers
+            assert fits == (letter == e["answer"]), e
+            assert line == (f"{letter}. {number} is {adjective}, option {letter}." if fits
+                            else f"{letter}. {number} is not {adjective}."), line
+
+
 def completion(example):
     """What the model writes for the example's last assistant turn after the generation prompt (<think>\\n): the
     chat template's rendering of that turn, tool calls included, through <|im_end|>."""
