@@ -314,17 +314,16 @@ def make_mcqa(rng):
     choices = [correct] + rng.sample(sorted(set(range(10)) - numbers), 3)
     rng.shuffle(choices)
     letters = "ABCD"
-    letter = letters[choices.index(correct)]
+    at = choices.index(correct)
+    letter = letters[at]
     question = rng.choice(MCQA_QUESTIONS).format(f"{'an' if prop[0] in 'aeiou' else 'a'} {prop} number")
     options = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices))
     prompt = f"{question}\n{options}\nAnswer with the letter in \\boxed{{}}."
     example = {"domain": "mcqa", "messages": [{"role": "user", "content": prompt}], "answer": letter,
                "options": [{letters[i]: str(c)} for i, c in enumerate(choices)]}
-    # the thought checks the options in order and stops at the first that has the property: each step reads the
-    # option at a known place and names its own letter, where picking the letter of a number named in the
-    # thought would be a lookup by content, which the tiny model does not learn (README, "What the tiny run shows")
+    # the thought: one line per option, in order, up to the answer's, which names its own letter (see above)
     adjective = MCQA_ADJECTIVES[prop]
-    lines = [f"{letters[i]}. {c} is not {adjective}." for i, c in enumerate(choices[:letters.index(letter)])]
+    lines = [f"{letters[i]}. {c} is not {adjective}." for i, c in enumerate(choices[:at])]
     trace = "\n".join(lines + [f"{letter}. {correct} is {adjective}, option {letter}."])
     slip = None
     if prop in MCQA_SLIPPED:
