@@ -51,7 +51,7 @@ def check_claims(board):
     if not rows:
         return out
     sft = rows[0]
-    bad = [f"{dom} {sft['scores'][dom]:.0%}" for dom in domains
+    bad = [f"{dom} {_points(sft['scores'][dom])}%" for dom in domains
            if dom in sft["scores"] and not SFT_RANGE[0] <= sft["scores"][dom] <= SFT_RANGE[1]]
     out.append(("after SFT every domain in 5-90%", not bad, ", ".join(bad) or "all in range"))
     prev = sft
@@ -64,7 +64,7 @@ def check_claims(board):
                 continue
             ok = after - before >= RL_LIFT - 1e-9 or after >= RL_CEILING
             out.append((f"{row['name']} lifts {dom} by >= 10 points (or to >= 95%)", ok,
-                        f"{before:.0%} -> {after:.0%} ({(after - before) * 100:+.0f})"))
+                        f"{_points(before)}% -> {_points(after)}% ({_points(after - before, sign=True)})"))
         prev = row
     mopd = next((r for r in rows if r["name"] == "mopd"), None)
     if mopd is not None:
@@ -73,15 +73,21 @@ def check_claims(board):
             best = max(r["scores"].get(dom, 0.0) for r in teachers)
             got = mopd["scores"].get(dom, 0.0)
             out.append((f"mopd within 3 points of the best teacher on {dom}", got >= best - MOPD_GAP - 1e-9,
-                        f"{got:.0%} vs best {best:.0%} ({(got - best) * 100:+.0f})"))
+                        f"{_points(got)}% vs best {_points(best)}% ({_points(got - best, sign=True)})"))
     return out
 
 
+def _points(fraction, sign=False):
+    """A score (or a difference of two) in points to 0.1, as the claims are judged: 200 held-out prompts make
+    half points, which a whole-point rounding of 0.42 - 0.445 (= -2.5000000000000022) would show as -3."""
+    return f"{round(fraction * 100, 1):{'+' if sign else ''}.1f}".removesuffix(".0")
+
+
 def _cell(values):
-    """'45' for one run, '45 ± 3' (mean ± population std, in points) for several."""
+    """'45.5' for one run, '45 ± 3' (mean ± population std, in whole points) for several."""
     mean = statistics.fmean(values)
     if len(values) == 1:
-        return f"{mean * 100:.0f}"
+        return _points(mean)
     return f"{mean * 100:.0f} ± {statistics.pstdev(values) * 100:.0f}"
 
 

@@ -55,12 +55,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import tasks  # noqa: E402
 
-COUNTS = {"sft": 1000, "rl": 400, "eval": 100}  # per domain, except:
+COUNTS = {"sft": 1000, "rl": 400, "eval": 200}  # per domain (200 held-out: a cell within about +-3.5), except:
 DOMAIN_COUNTS = {
-    "code": {"sft": 400, "rl": 200, "eval": 100},  # fewer distinct problems (family x parameter)
-    "json": {"sft": 500, "rl": 400, "eval": 100},  # learnt fast: fewer SFT rows keep it below the ceiling
-    "mcqa": {"sft": 2000, "rl": 400, "eval": 100},  # short rows
-    "tool": {"sft": 700, "rl": 400, "eval": 100},  # examples 3-4 times longer (the tools in the prompt)
+    "code": {"sft": 400, "rl": 200, "eval": 200},  # fewer distinct problems (family x parameter)
+    "json": {"sft": 500, "rl": 400, "eval": 200},  # learnt fast: fewer SFT rows keep it below the ceiling
+    "mcqa": {"sft": 2000, "rl": 400, "eval": 200},  # short rows
+    "tool": {"sft": 700, "rl": 400, "eval": 200},  # examples 3-4 times longer (the tools in the prompt)
 }
 
 

@@ -68,3 +68,26 @@ def test_run_sh_produces_every_artefact_and_skips_finished_stages(tmp_path):
     changed = [str(p) for p, m in stage_files().items() if before.get(p) != m]
     assert not changed, changed
     assert second < first / 2, (first, second)
+
+
+def test_claims_are_judged_and_shown_to_the_half_point():
+    """200 held-out prompts give half points: a MOPD 2.5 points under its best teacher passes (the claim is
+    "within 3") and is shown as -2.5, not rounded to -3; 3.5 under fails; a lift of exactly 10 points passes
+    though 0.48 - 0.38 is 0.0999... in floats, and so does a MOPD exactly 3 under (0.445 - 0.03 > 0.415 in floats)."""
+    import scoreboard
+
+    def board(sft, rl, mopd):
+        return {"domains": ["if"], "rows": [
+            {"name": "sft", "trained": [], "scores": {"if": sft}},
+            {"name": "if-rl", "trained": ["if"], "scores": {"if": rl}},
+            {"name": "mopd", "trained": ["if"], "teachers": {"if": "if-rl"}, "scores": {"if": mopd}}]}
+
+    claims = {name: (ok, detail) for name, ok, detail in scoreboard.check_claims(board(0.38, 0.48, 0.455))}
+    assert claims["if-rl lifts if by >= 10 points (or to >= 95%)"] == (True, "38% -> 48% (+10)")
+    assert claims["mopd within 3 points of the best teacher on if"] == (True, "45.5% vs best 48% (-2.5)")
+    claims = {name: (ok, detail) for name, ok, detail in scoreboard.check_claims(board(0.385, 0.48, 0.445))}
+    assert claims["if-rl lifts if by >= 10 points (or to >= 95%)"] == (False, "38.5% -> 48% (+9.5)")
+    assert claims["mopd within 3 points of the best teacher on if"] == (False, "44.5% vs best 48% (-3.5)")
+    claims = {name: (ok, detail) for name, ok, detail in scoreboard.check_claims(board(0.38, 0.445, 0.415))}
+    assert claims["mopd within 3 points of the best teacher on if"] == (True, "41.5% vs best 44.5% (-3)")
+    assert "| sft | - | 38.5 | 38.5 |" in scoreboard.format_table([board(0.385, 0.48, 0.445)])
