@@ -295,7 +295,7 @@ def make_if(rng):
 # -----------------------------------------------------------------------------
 # mcqa: which of four one-digit numbers has a property (even, odd, a prime, a square): the knowledge is which number
 # is what, learnt in SFT; the letter in \\boxed{}. Built around what the tiny model can read from its prompt (README,
-# "What the tiny run shows"): a digit at a known place, as in math's "has 3 ... gets 4" -> "3 + 4", but not a thing
+# "How MCQA was made learnable"): a digit at a known place, as in math's "has 3 ... gets 4" -> "3 + 4", but not a thing
 # picked by its content. With words as options (which of these is a city, an animal, ...) it named a word of the
 # right category but mostly not the one offered; with digits and the thought "The even number is 4, option B" it
 # named the right number every time and the letter at chance. So the thought checks the options in order.
