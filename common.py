@@ -518,6 +518,8 @@ def shard_model(model, d: Dist, bf16: bool = False, activation_checkpointing: bo
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    for p in model.parameters():        # FSDP2 shards contiguous parameters only: model.Experts' transposed
+        p.data = p.data.contiguous()    # layout is a CPU decode speed-up, dropped here (a copy of the same values)
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()

@@ -7,9 +7,11 @@ CLI to chat with, prompt or evaluate a checkpoint.
     evaluate(model, tokenizer, examples, ...)       chat-template prompts -> responses -> per-domain scores
 
 How one generate() call runs:
-1. Prefill: the ragged prompts are LEFT-padded into one batch and run once (attention_mask keeps the padding out of
-   every row's state; prompts longer than prefill_chunk go in pieces). Only the last position goes through lm_head, so a long prompt never materialises [T, V]
-   logits.
+1. Prefill: the ragged prompts are LEFT-padded into one cache, so that every row's next token is at the same
+   position, and run once, in buckets of similar lengths (each bucket into the cache's window of its rows and
+   last positions: a short prompt is not computed over the padding up to the longest one; attention_mask keeps a
+   bucket's own padding out of every row's state; prompts longer than prefill_chunk go in pieces). Only the last
+   position goes through lm_head, so a long prompt never materialises [T, V] logits.
 2. Group sampling: with n > 1, each prompt's cache row is copied n times (cache.select), so the n completions of a
    prompt share one prefill, as GRPO's groups need.
 3. Decode: one token per step for every row, through the KV cache (attention layers) and the conv + SSM state
@@ -161,15 +163,18 @@ def _gather_plain_copy(model):
     # innermost FSDP module above it, as in fully_shard's grouping.
     policy = {name: m._get_fsdp_state()._mp_policy.param_dtype for name, m in model.named_modules()
               if isinstance(m, FSDPModule)}
+    with torch.device("meta"):
+        plain = Model(model.config)
     tensors = {}
     for name, p in model.named_parameters():
         owner = max((m for m in policy if m == "" or name.startswith(m + ".")), key=len, default=None)
         dtype = policy.get(owner) or p.dtype
         p = p.detach().to(dtype)                                   # cast before gathering, as FSDP does
-        tensors[name] = p.full_tensor() if isinstance(p, DTensor) else p.clone()
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        layout = plain.get_parameter(name).stride()               # the plain model's layout (Experts: transposed)
+        tensors[name] = torch.empty_strided(full.shape, layout, dtype=dtype, device=full.device).copy_(full)
+        del full
     tensors.update(model.named_buffers())
-    with torch.device("meta"):
-        plain = Model(model.config)
     plain.load_state_dict(tensors, assign=True)
     return plain.requires_grad_(False).eval()
 
@@ -212,7 +217,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     static_shapes: decode steps attend over the whole cache (masked), so every step has the same shapes;
     cuda_graph: replay each decode step from a CUDA graph captured per batch-size bucket (CUDA only; implies
     static_shapes). check_every: the fixed-slot loop reads the finished mask on the host every this many steps.
-    progress: a progress bar over the prefill chunks when the prompts take more than one (a 156K-token prompt is
+    progress: a progress bar over the prefill chunks when a prompt takes more than one (a 156K-token prompt is
     38 chunks of 4096, minutes on a CPU).
 
     Runs under torch.inference_mode and leaves the model's train/eval mode alone (the model has no dropout).
@@ -253,30 +258,46 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         raise ValueError(f"cuda_graph=True needs a CUDA model, this one is on {device}")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    # 1. prefill, left-padded; the pad id is irrelevant (padding never reaches a row's state)
+    # 1. prefill into one left-padded cache (every row's next token is at position L, so a decode step is one
+    # batch), a bucket of similar lengths at a time: bucket b (its longest prompt L_b tokens) is run alone into
+    # the cache's window of its rows and positions [L - L_b, L), so a short prompt pays for padding up to its
+    # bucket's longest, not to the batch's (16 prompts of 32-128 tokens: 1440 tokens computed instead of 1904).
+    # Within a bucket the pad id is irrelevant (the attention mask keeps padding out of every row's state).
     L = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), L, dtype=torch.long)
-    mask = torch.zeros(len(prompts), L, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, L - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))          # cache row j holds order[j]
     cache = model.new_cache(len(prompts), L + max_new_tokens - 1,    # the last sampled token is never fed back
                             static_shapes=static_shapes or cuda_graph)
+    buckets = _length_buckets([len(prompts[i]) for i in order])
     chunk = prefill_chunk if prefill_chunk > 0 else L
-    starts = range(0, L, chunk)
-    if progress and len(starts) > 1:
-        starts = tqdm(starts, desc=f"prefill {L} tokens", unit="chunk", file=sys.stderr, leave=False)
-    for start in starts:
-        piece = mask[:, start:start + chunk]
-        logits = _last_logits(model, ids[:, start:start + chunk], cache=cache,
-                              attention_mask=None if bool(piece.all()) else piece)
+    n_pieces = sum(-(-len(prompts[order[rows.start]]) // chunk) for rows in buckets)
+    bar = tqdm(total=n_pieces, desc=f"prefill {sum(map(len, prompts))} tokens", unit="chunk", file=sys.stderr,
+               leave=False, disable=not progress or n_pieces == len(buckets))
+    last = []
+    for rows in buckets:
+        bucket = [prompts[i] for i in order[rows]]
+        Lb = len(bucket[0])
+        ids = torch.zeros(len(bucket), Lb, dtype=torch.long)
+        mask = torch.zeros(len(bucket), Lb, dtype=torch.long)
+        for r, p in enumerate(bucket):
+            ids[r, Lb - len(p):], mask[r, Lb - len(p):] = torch.tensor(p, dtype=torch.long), 1
+        ids, mask, window = ids.to(device), mask.to(device), cache.window(rows, L - Lb)
+        for start in range(0, Lb, chunk):
+            piece = mask[:, start:start + chunk]
+            logits = _last_logits(model, ids[:, start:start + chunk], cache=window,
+                                  attention_mask=None if bool(piece.all()) else piece)
+            bar.update()
+        last.append(logits)
+    bar.close()
+    cache.advance(L)
+    logits = torch.cat(last)
 
-    # 2. group sampling: n copies of each prompt's state
+    # 2. group sampling: n copies of each prompt's state. The rows stay in length order (putting them back in
+    # prompt order would copy the whole cache): slot j decodes completion slots[j], of prompt order[j // n]
+    slots = (torch.tensor(order, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
     if n > 1:
-        rows = torch.arange(len(prompts), device=device).repeat_interleave(n)
-        cache.select(rows)
-        logits = logits[rows]
+        copies = torch.arange(len(prompts), device=device).repeat_interleave(n)
+        cache.select(copies)
+        logits = logits[copies]
 
     # 3. decode. sample(logits, rows) draws one token for each row, row i being completion rows[i]
     def sample(logits, rows):
@@ -287,7 +308,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
 
     stop_t = torch.tensor(stop_token_ids, dtype=torch.long, device=device)
     decode = _decode_reference if reference else _decode_slots
-    per_completion = decode(model, cache, logits, sample, N, max_new_tokens, stop_t, on_step,
+    per_completion = decode(model, cache, logits, sample, slots, max_new_tokens, stop_t, on_step,
                             cuda_graph=cuda_graph, check_every=check_every)
 
     stop_set = set(stop_token_ids)
@@ -295,14 +316,27 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
                        raw_logprobs=raws) for toks, lps, raws in per_completion]
 
 
-def _decode_reference(model, cache, logits, sample, N, steps, stop_t, on_step, **_):
+def _length_buckets(lengths, ratio=0.75):
+    """Slices of `lengths` (sorted longest first), each a bucket prefilled as one batch: a bucket takes every next
+    prompt at least ratio times as long as its first, so each row is less than 1 - ratio padding; the number of
+    buckets (one forward each) grows as log(longest / shortest)."""
+    buckets, first = [], 0
+    for j in range(1, len(lengths) + 1):
+        if j == len(lengths) or lengths[j] < ratio * lengths[first]:
+            buckets.append(slice(first, j))
+            first = j
+    return buckets
+
+
+def _decode_reference(model, cache, logits, sample, slots, steps, stop_t, on_step, **_):
     """
-    The plain decode loop: `live` holds the completion index of each row of the batch; a row that samples a
-    stop token leaves the batch at once (cache.select copies the others' caches), so the batch shrinks; one
-    host sync per step. Each step's (index, token, logprob, raw) records go to the host every 64 steps.
+    The plain decode loop: `live` holds the completion index of each row of the batch (at first `slots`, the
+    completion of each cache row); a row that samples a stop token leaves the batch at once (cache.select copies
+    the others' caches), so the batch shrinks; one host sync per step. Each step's (index, token, logprob, raw)
+    records go to the host every 64 steps.
     Returns [(tokens, logprobs, raw logprobs or None)] per completion.
     """
-    live = torch.arange(N, device=logits.device)
+    live, N = slots, len(slots)
     records, pending = [], []
     for step in range(steps):
         tokens, logprobs, raw = sample(logits, live)
@@ -340,23 +374,23 @@ def _to_host(steps):
     return tuple(torch.cat(parts).cpu() if parts[0] is not None else None for parts in zip(*steps))
 
 
-def _decode_slots(model, cache, logits, sample, N, steps, stop_t, on_step, cuda_graph=False, check_every=8):
+def _decode_slots(model, cache, logits, sample, slots, steps, stop_t, on_step, cuda_graph=False, check_every=8):
     """
-    The decode loop built for throughput. Every completion has a fixed batch slot; tokens and log-probs go
-    into preallocated [N, steps] tensors on the device, and a finished-mask marks the slots whose completion
-    sampled a stop token. Nothing in a step reads the device from the host: the mask is read once every
-    `check_every` steps, to end early when every slot is finished and to compact when at most half the slots
-    are live (cache.select: at most log2(N) times, so its copies cost less than one copy of the whole cache
-    in all). A finished slot left in the batch keeps decoding tokens no one reads (at most check_every steps,
-    and at most as many slots as live ones). With a static-shape cache, every step runs the same kernels on
-    the same shapes, and slots are compacted to power-of-two buckets, each of which gets its own CUDA graph
-    (cuda_graph=True). Returns [(tokens, logprobs, raw logprobs or None)] per completion.
+    The decode loop built for throughput. Every completion has a fixed batch slot (slot j, the cache's row j,
+    decodes completion slots[j]); tokens and log-probs go into preallocated [N, steps] tensors on the device, and
+    a finished-mask marks the slots whose completion sampled a stop token. Nothing in a step reads the device
+    from the host: the mask is read once every `check_every` steps, to end early when every slot is finished
+    and to compact when at most half the slots are live (cache.select: at most log2(N) times, so its copies cost
+    less than one copy of the whole cache in all). A finished slot left in the batch keeps decoding tokens no
+    one reads (at most check_every steps, and at most as many slots as live ones). With a static-shape cache,
+    every step runs the same kernels on the same shapes, and slots are compacted to power-of-two buckets, each
+    of which gets its own CUDA graph (cuda_graph=True). Returns [(tokens, logprobs, raw logprobs or None)] per completion.
     """
-    device = logits.device
+    device, N = logits.device, len(slots)
     out_tokens = torch.zeros(N, steps, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(N, steps, device=device)
     out_raw = None
-    rows = torch.arange(N, device=device)                 # the completion in each slot
+    rows = slots                                          # the completion in each slot
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     step_fn = _CudaGraphStep(model, cache) if cuda_graph else _EagerStep(model, cache)
     ran = 0

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from model import Model
-from sample import Completion, generate, sample_tokens, sampling_logprobs
+from sample import Completion, _length_buckets, generate, sample_tokens, sampling_logprobs
 from tests.conftest import small_config
 from tests.test_model import randomize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[5, 17, 33], list(range(40, 61)), [9], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80]]  # 3, 21, 1, 11
+# lengths 9, 12, 4, 10, 5: prefilled in two length buckets, (12, 10, 9) and (5, 4), left-padded within each
+RAGGED = [list(range(3, 12)), list(range(20, 32)), [7, 8, 9, 10], list(range(40, 50)), [60, 61, 62, 63, 64]]
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +94,32 @@ def test_group_sampling_shares_one_prefill(model):
         out = generate(model, PROMPTS, 6, n=n, seed=0, stop_token_ids=[])
     finally:
         hook.remove()
-    prefills = [shape for shape in calls if shape[1] > 1]
-    assert prefills == [(len(PROMPTS), max(map(len, PROMPTS)))]          # one prefill, one row per prompt
-    assert all(shape == (len(PROMPTS) * n, 1) for shape in calls[1:])     # then steps over all n*P rows
+    steps = 6 - 1                                                        # the last token is never fed back
+    prefills, decode = calls[:-steps], calls[-steps:]
+    assert prefills == [(1, 21), (1, 11), (1, 3), (1, 1)]                # one row per prompt (length buckets)
+    assert all(shape == (len(PROMPTS) * n, 1) for shape in decode)       # then steps over all n*P rows
     for i in range(len(PROMPTS)):
         group = [tuple(c.tokens) for c in out[i * n:(i + 1) * n]]
         assert len(set(group)) == n, f"prompt {i}: the {n} samples are not distinct"
+
+
+def test_length_buckets_prefill_each_prompt_once_and_match_each_prompt_alone(model):
+    prompts = RAGGED
+    assert _length_buckets([12, 10, 9, 5, 4]) == [slice(0, 3), slice(3, 5)]
+    assert _length_buckets([4, 3, 2, 2, 1]) == [slice(0, 2), slice(2, 4), slice(4, 5)]   # 3 >= 0.75 * 4
+    calls = []
+    hook = model.backbone.embeddings.register_forward_hook(lambda mod, args, out: calls.append(tuple(args[0].shape)))
+    try:
+        greedy = generate(model, prompts, 8, temperature=0, stop_token_ids=[])
+    finally:
+        hook.remove()
+    assert calls[:2] == [(3, 12), (2, 5)]                                # 56 tokens computed, not 5 x 12 = 60
+    for prompt, c in zip(prompts, greedy):
+        assert c.tokens == greedy_reference(model, prompt, 8)
+    for i, c in enumerate(generate(model, prompts, 6, n=2, seed=0, stop_token_ids=[])):
+        prompt = prompts[i // 2]
+        ref = full_logits(model, prompt, c.tokens).log_softmax(-1).gather(-1, torch.tensor(c.tokens)[:, None])
+        torch.testing.assert_close(torch.tensor(c.logprobs), ref.squeeze(-1), atol=1e-4, rtol=0)
 
 
 def test_top_k_one_is_greedy(model):
@@ -273,12 +295,12 @@ def test_evaluate_maps_responses_back_to_their_examples(ckpt, monkeypatch):
 
 def test_chunked_prefill_matches_one_prefill(model, capsys):
     """Long prompts are prefilled in pieces (left padding lands in the first pieces, some of them all padding)."""
-    whole = generate(model, PROMPTS, 6, temperature=1.0, seed=9, stop_token_ids=[], prefill_chunk=0, raw_logprobs=True)
-    for chunk in (4, 7):
-        parts = generate(model, PROMPTS, 6, temperature=1.0, seed=9, stop_token_ids=[], prefill_chunk=chunk,
+    whole = generate(model, RAGGED, 6, temperature=1.0, seed=9, stop_token_ids=[], prefill_chunk=0, raw_logprobs=True)
+    for chunk in (2, 7):                          # 2: the 9-token row's first piece in its bucket of 12 is all padding
+        parts = generate(model, RAGGED, 6, temperature=1.0, seed=9, stop_token_ids=[], prefill_chunk=chunk,
                          raw_logprobs=True, progress=True)
-        L = max(map(len, PROMPTS))                # a long prefill shows its progress, chunk by chunk
-        assert f"prefill {L} tokens" in capsys.readouterr().err
+        total = sum(map(len, RAGGED))             # a long prefill shows its progress, chunk by chunk
+        assert f"prefill {total} tokens" in capsys.readouterr().err
         assert [c.tokens for c in parts] == [c.tokens for c in whole]
         for a, b in zip(parts, whole):
             torch.testing.assert_close(torch.tensor(a.raw_logprobs), torch.tensor(b.raw_logprobs), atol=1e-4, rtol=0)
@@ -448,7 +470,8 @@ def _fsdp_worker(rank, world, port, errors):
             assert (torch.bfloat16 in dtypes.values()) == bf16
             opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (sharded, untouched)]
             for phase in range(2):                  # before the first training forward, then after a step
-                with sampling_weights(sharded):
+                with sampling_weights(sharded) as gathered:       # in the plain model's layout (Experts transposed)
+                    assert [p.stride() for p in gathered.parameters()] == [p.stride() for p in plain.parameters()]
                     greedy = generate(sharded, PROMPTS, 6, temperature=0, **kw)
                     sampled = generate(sharded, PROMPTS, 6, n=2, seed=rank, top_p=0.9, **kw)
                 assert greedy == generate(plain, PROMPTS, 6, temperature=0, **kw), (bf16, phase)
@@ -459,7 +482,7 @@ def _fsdp_worker(rank, world, port, errors):
                 assert a == b, (bf16, phase, a, b)                   # the same loss and gradient norm, exactly
                 full = {k: v.full_tensor() for k, v in sharded.state_dict().items() if hasattr(v, "full_tensor")}
                 for name, p in plain.named_parameters():             # follow the training step on the plain copy
-                    p.data = full[name].to(p.dtype)
+                    p.data.copy_(full[name])                         # (in its own layout: Experts are transposed)
     except BaseException as e:                                       # reported to the parent, which fails the test
         import traceback
         errors.put(f"rank {rank}: {traceback.format_exc()}")
