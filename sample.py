@@ -384,7 +384,8 @@ def _decode_slots(model, cache, logits, sample, slots, steps, stop_t, on_step, c
     less than one copy of the whole cache in all). A finished slot left in the batch keeps decoding tokens no
     one reads (at most check_every steps, and at most as many slots as live ones). With a static-shape cache,
     every step runs the same kernels on the same shapes, and slots are compacted to power-of-two buckets, each
-    of which gets its own CUDA graph (cuda_graph=True). Returns [(tokens, logprobs, raw logprobs or None)] per completion.
+    of which gets its own CUDA graph (cuda_graph=True). Returns [(tokens, logprobs, raw logprobs or None)] per
+    completion.
     """
     device, N = logits.device, len(slots)
     out_tokens = torch.zeros(N, steps, dtype=torch.long, device=device)
