@@ -2,7 +2,8 @@
 Benchmark the sampler against transformers' NemotronHForCausalLM.generate on the same weights (CPU by default).
 
 1. Greedy throughput: generated tokens per second of one generate call (prefill included) for 16 and 64 ragged
-   prompts (32-128 tokens) x 64 new tokens, no stop token, both with their caches.
+   prompts (32-128 tokens) x 64 new tokens, no stop token, both with their caches; and where the time goes: the
+   prefill (a call for one new token) and the mean decode step (the rest of the full call, per token).
 2. Group sampling, the RL shape: 8 prompts x 8 completions x 128 tokens at temperature 1 (ours prefills each
    prompt once and copies its cache row; transformers' num_return_sequences prefills every copy).
    Runs are interleaved (ours, theirs, theirs, ours, ...) so load drift hits both alike; each ratio is the median
@@ -170,18 +171,23 @@ def main():
     def prompts_of(B):
         return [torch.randint(3, V, (n,), generator=g).tolist() for n in torch.randint(32, 129, (B,), generator=g)]
 
-    print(f"\n1. greedy, {args.new_tokens} new tokens per prompt, prompts of 32-128 tokens")
-    print(f"{'prompts':>8} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio wall':>11} {'ratio cpu':>10} {'rows agree':>11}")
+    print(f"\n1. greedy, {args.new_tokens} new tokens per prompt, prompts of 32-128 tokens; the same calls split "
+          f"into the prefill (a call for 1 token) and a decode step (the rest, per token), ours / hf")
+    print(f"{'prompts':>8} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio wall':>11} {'ratio cpu':>10} {'rows agree':>11}"
+          f" {'prefill ms':>14} {'step ms':>12}")
     for B in args.batches:
         prompts = prompts_of(B)
         ids, mask = left_pad(prompts, device)
         t_o, t_t, wall, cpu, outs = interleaved(lambda: run_ours(ours, prompts, args.new_tokens),
                                                 lambda: run_theirs(theirs, ids, mask, args.new_tokens),
                                                 args.repeats, sync)
-        n_tok = B * args.new_tokens
+        p_o, p_t, *_ = interleaved(lambda: run_ours(ours, prompts, 1), lambda: run_theirs(theirs, ids, mask, 1),
+                                   args.repeats, sync)
+        n_tok, steps = B * args.new_tokens, args.new_tokens - 1
         agree = sum(a == b for a, b in zip(outs["ours"], outs["theirs"])) / B
-        print(f"{B:>8} {n_tok / t_o:>11,.0f} {n_tok / t_t:>9,.0f} {wall:>10.2f}x {cpu:>9.2f}x {agree:>10.0%}",
-              flush=True)
+        print(f"{B:>8} {n_tok / t_o:>11,.0f} {n_tok / t_t:>9,.0f} {wall:>10.2f}x {cpu:>9.2f}x {agree:>10.0%}"
+              f" {p_o * 1e3:>6,.0f} / {p_t * 1e3:<5,.0f} {(t_o - p_o) / steps * 1e3:>5.1f} / "
+              f"{(t_t - p_t) / steps * 1e3:<5.1f}", flush=True)
 
     P, n, T = args.group
     if P:
