@@ -170,10 +170,11 @@ def _gather_plain_copy(model):
         owner = max((m for m in policy if m == "" or name.startswith(m + ".")), key=len, default=None)
         dtype = policy.get(owner) or p.dtype
         p = p.detach().to(dtype)                                   # cast before gathering, as FSDP does
-        full = p.full_tensor() if isinstance(p, DTensor) else p
-        layout = plain.get_parameter(name).stride()               # the plain model's layout (Experts: transposed)
-        tensors[name] = torch.empty_strided(full.shape, layout, dtype=dtype, device=full.device).copy_(full)
-        del full
+        full = p.full_tensor() if isinstance(p, DTensor) else p.clone()
+        layout = plain.get_parameter(name).stride()
+        if full.stride() != layout:          # model.Experts are stored transposed (FSDP2 holds them contiguous)
+            full = torch.empty_strided(full.shape, layout, dtype=full.dtype, device=full.device).copy_(full)
+        tensors[name] = full
     tensors.update(model.named_buffers())
     plain.load_state_dict(tensors, assign=True)
     return plain.requires_grad_(False).eval()
