@@ -607,9 +607,9 @@ class Experts(nn.Module):
     shaped like an nn.Linear weight (the checkpoint's per-expert tensors). Stored transposed: the memory holds
     each w[e].T contiguous ([E, H, I] and [E, I, H]), so y = x @ w[e].T is a plain (NN) GEMM. On CPU, MKL's
     small-row GEMM reads that 1.3x faster than a transposed operand: a decode step has 1-8 rows per expert,
-    and bench_sample.py's decode step at 16 rows is 11-14% faster. A layout, not a shape: names, shapes, init values and checkpoints are
-    the same either way. FSDP2 shards contiguous tensors only (common.shard_model makes them so;
-    sample.sampling_weights gathers into this one).
+    and bench_sample.py's decode step at 16 rows is 11-14% faster. A layout, not a shape: names, shapes, init
+    values and checkpoints are the same either way. FSDP2 shards contiguous tensors only (common.shard_model
+    makes them so; sample.sampling_weights gathers into this one).
     """
 
     def __init__(self, cfg: ModelConfig):

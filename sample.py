@@ -264,23 +264,23 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     # the cache's window of its rows and positions [L - L_b, L), so a short prompt pays for padding up to its
     # bucket's longest, not to the batch's (16 prompts of 32-128 tokens, 1440 real: 1594 computed, not 1904).
     # Within a bucket the pad id is irrelevant (the attention mask keeps padding out of every row's state).
-    L = max(len(p) for p in prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))          # cache row j holds order[j]
+    lengths = [len(prompts[i]) for i in order]
+    L = lengths[0]
     cache = model.new_cache(len(prompts), L + max_new_tokens - 1,    # the last sampled token is never fed back
                             static_shapes=static_shapes or cuda_graph)
-    buckets = _length_buckets([len(prompts[i]) for i in order])
+    buckets = _length_buckets(lengths)
     chunk = prefill_chunk if prefill_chunk > 0 else L
-    n_pieces = sum(-(-len(prompts[order[rows.start]]) // chunk) for rows in buckets)
-    bar = tqdm(total=n_pieces, desc=f"prefill {sum(map(len, prompts))} tokens", unit="chunk", file=sys.stderr,
+    n_pieces = sum(-(-lengths[rows.start] // chunk) for rows in buckets)
+    bar = tqdm(total=n_pieces, desc=f"prefill {sum(lengths)} tokens", unit="chunk", file=sys.stderr,
                leave=False, disable=not progress or n_pieces == len(buckets))
     last = []
     for rows in buckets:
-        bucket = [prompts[i] for i in order[rows]]
-        Lb = len(bucket[0])
+        bucket, Lb = [prompts[i] for i in order[rows]], lengths[rows.start]
         ids = torch.zeros(len(bucket), Lb, dtype=torch.long)
         mask = torch.zeros(len(bucket), Lb, dtype=torch.long)
-        for r, p in enumerate(bucket):
-            ids[r, Lb - len(p):], mask[r, Lb - len(p):] = torch.tensor(p, dtype=torch.long), 1
+        for r, prompt in enumerate(bucket):
+            ids[r, Lb - len(prompt):], mask[r, Lb - len(prompt):] = torch.tensor(prompt, dtype=torch.long), 1
         ids, mask, window = ids.to(device), mask.to(device), cache.window(rows, L - Lb)
         for start in range(0, Lb, chunk):
             piece = mask[:, start:start + chunk]
