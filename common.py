@@ -894,8 +894,10 @@ def rollout_logprobs(model, prompts, completions, device, pad_id=0):
     at each), so no padding is computed. Through model(..., targets=...), so FSDP's hooks fire and the logits are
     taken in vocab-sized chunks; differentiable unless called under no_grad.
     Returns (lp [n, C], mask [n, C] bool), C the longest completion: lp[i, t] = log pi(completion_i[t] | prompt_i,
-    completion_i[:t]) where mask[i, t], else 0. No rollouts (an empty pass, see token_micro_batches): the model
-    still runs, on two padding tokens, and lp is [0, 1], so a loss summed over it is 0 with a full backward.
+    completion_i[:t]) where mask[i, t], else 0. mask is the completion's own mask where it has one (a multi-turn
+    episode: the environment's tokens are context, never trained), else every completion token. No rollouts (an
+    empty pass, see token_micro_batches): the model still runs, on two padding tokens, and lp is [0, 1], so a loss
+    summed over it is 0 with a full backward.
     """
     C = max([len(c.tokens) for c in completions] + [1])
     ids, targets, doc_ids = [], [], []
@@ -907,7 +909,8 @@ def rollout_logprobs(model, prompts, completions, device, pad_id=0):
         ids += doc
         targets += [-100] * (len(p) - 1) + list(c.tokens)
         doc_ids += [i] * len(doc)
-        where[i, :k], mask[i, :k] = torch.arange(first, first + k), True
+        where[i, :k] = torch.arange(first, first + k)
+        mask[i, :k] = True if c.mask is None else torch.tensor(c.mask, dtype=torch.bool)
     if not ids:
         ids, targets, doc_ids = [pad_id] * 2, [-100] * 2, [0] * 2
     row = lambda x: torch.tensor([x], dtype=torch.long, device=device)
@@ -965,9 +968,11 @@ def rollout_seed(*keys):
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
-def evaluate_domains(model, tokenizer, examples, d: Dist, max_new_tokens, thinking=True, batch_size=64):
+def evaluate_domains(model, tokenizer, examples, d: Dist, max_new_tokens, thinking=True, batch_size=64,
+                     max_episode_tokens=1024):
     """
-    Greedy pass@1 per domain ({domain: fraction}) of the model on held-out examples. Every process generates
+    Greedy pass@1 per domain ({domain: fraction}) of the model on held-out examples (a multi-turn domain's: one
+    greedy episode, max_new_tokens per turn, max_episode_tokens in all). Every process generates
     and grades its share (examples[rank::world]); the per-example rewards are gathered. Works on the sharded
     model that trains: the weights are gathered once for the whole evaluation.
     """
@@ -977,7 +982,8 @@ def evaluate_domains(model, tokenizer, examples, d: Dist, max_new_tokens, thinki
     mine = examples[d.rank::d.world_size]
     with sample.sampling_weights(model):
         result = sample.evaluate(model, tokenizer, mine, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
-                                 thinking=thinking, batch_size=batch_size, seed=0)
+                                 thinking=thinking, batch_size=batch_size, seed=0,
+                                 max_episode_tokens=max_episode_tokens)
     pairs = [(ex["domain"], rs[0]) for ex, rs in zip(mine, result["rewards"])]
     if d.world_size > 1:
         gathered = [None] * d.world_size

@@ -59,7 +59,9 @@ class MOPDConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    max_new_tokens: int = 80  # student rollout token budget
+    max_new_tokens: int = 80  # student rollout token budget (a multi-turn domain's: per turn)
+    max_turns: int = 0  # multi-turn domains: assistant turns per episode (0 = each environment's own limit)
+    max_episode_tokens: int = 512  # multi-turn domains: tokens after the prompt (turns and replies)
     temperature: float = 1.0  # student sampling temperature
     top_p: float = 1.0  # student nucleus mass (the sampler's log-probs include it: r_t stays exact)
     thinking: bool = True  # render prompts in thinking mode
@@ -205,7 +207,8 @@ def main(cfg: MOPDConfig):
 
     common.claim_out_dir(cfg.out_dir, "mopd", student_config)   # one run at a time
     model = common.load_policy(student_dir, d, cfg.bf16, cfg.activation_checkpointing)
-    pools, prompt_ids = common.prompt_pools(train_examples, domains, tokenizer, cfg.thinking, cfg.max_new_tokens,
+    budget = max(cfg.max_new_tokens, cfg.max_episode_tokens if set(domains) & set(tasks.ENVIRONMENTS) else 0)
+    pools, prompt_ids = common.prompt_pools(train_examples, domains, tokenizer, cfg.thinking, budget,
                                             model.config.max_position_embeddings, f"--train_data {cfg.train_data}")
     optimizer, ckpt, log, start_step = common.start_or_resume(
         model, cfg.out_dir, d, "mopd", cfg.lr, cfg.betas, cfg.weight_decay, cfg.keep_last, cfg.wandb_project,
@@ -229,11 +232,13 @@ def main(cfg: MOPDConfig):
         drawn = [prompt_ids[k][i].tolist() for k, i in draws]
         prompts = [p for p in drawn for _ in range(cfg.rollouts)]
         row_domains = [domains[k] for k, _ in draws for _ in range(cfg.rollouts)]
-        with sample.sampling_weights(model):
-            outs = sample.generate(model, drawn, cfg.max_new_tokens,
-                                   temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.rollouts,
-                                   stop_token_ids=tokenizer.stop_token_ids,
-                                   seed=common.rollout_seed(cfg.seed, 0, step, d.rank, 0))
+        # a multi-turn domain's rollouts are episodes: the environment's replies are context, the teacher scores
+        # and the loss trains only the student's own tokens (Completion.mask)
+        outs, _, _ = sample.sample_groups(model, tokenizer, [pools[k][i] for k, i in draws], drawn, cfg.rollouts,
+                                          cfg.max_new_tokens, 0, lambda c: common.rollout_seed(cfg.seed, 0, step,
+                                                                                               d.rank, 0, c),
+                                          temperature=cfg.temperature, top_p=cfg.top_p, max_turns=cfg.max_turns,
+                                          max_episode_tokens=cfg.max_episode_tokens, thinking=cfg.thinking)
         t1 = time.perf_counter()
 
         # 2. each completion scored by its own domain's teacher, on exactly the sampled tokens
@@ -249,8 +254,8 @@ def main(cfg: MOPDConfig):
         imbalance = common.balance_experts(model, d)
         t3 = time.perf_counter()
 
-        lens = common.all_reduce_sum(torch.tensor([float(sum(len(c.tokens) for c in outs)), float(len(outs))],
-                                                  device=d.device), d)
+        n_policy = float(sum(len(c.policy(c.tokens)) for c in outs))          # the tokens the student wrote
+        lens = common.all_reduce_sum(torch.tensor([n_policy, float(len(outs))], device=d.device), d)
         metrics = dict(stats, lr=lr, response_len=(lens[0] / lens[1]).item(), time_sample=t1 - t0,
                        time_teacher=t2 - t1, time_train=t3 - t2, expert_imbalance=imbalance,
                        rollout_tokens_per_s=lens[0].item() / max(t1 - t0, 1e-9),
@@ -259,7 +264,7 @@ def main(cfg: MOPDConfig):
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             metrics.update({f"eval_{dom}": s for dom, s in common.evaluate_domains(
                 model, tokenizer, eval_examples, d, ev["max_new_tokens"], ev["thinking"],
-                cfg.eval_batch_size).items()})
+                cfg.eval_batch_size, ev.get("max_episode_tokens", 1024)).items()})
         log.log(done, **metrics)
         bar.set_postfix(rkl=f"{metrics['reverse_kl']:.4f}", loss=f"{metrics['loss']:.4f}",
                         gnorm=f"{metrics['grad_norm']:.2f}", cut=f"{metrics['weight_cut_frac']:.3f}")
@@ -271,7 +276,7 @@ def main(cfg: MOPDConfig):
     common.export_hf(model, tokenizer, export_dir, d,
                      dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
     scores = common.evaluate_domains(model, tokenizer, eval_examples, d, ev["max_new_tokens"], ev["thinking"],
-                                     cfg.eval_batch_size)
+                                     cfg.eval_batch_size, ev.get("max_episode_tokens", 1024))
     log.log(cfg.steps, **{f"eval_{dom}": s for dom, s in scores.items()})
     common.write_cascade_row(cfg.cascade, dict(name="mopd", checkpoint=os.path.abspath(export_dir),
                                                trained=domains, scores=scores,
@@ -315,7 +320,7 @@ def train_step(model, prompts, outs, teacher_lp, row_domains, domains, cfg, d, p
         lp, mask = common.rollout_logprobs(model, [prompts[i] for i in rows], [outs[i] for i in rows], d.device,
                                            pad_id)
         t_lp = padded([teacher_lp[i] for i in rows], mask).to(d.device)
-        s_lp = padded([outs[i].logprobs for i in rows], mask).to(d.device)
+        s_lp = padded([outs[i].policy(outs[i].logprobs) for i in rows], mask).to(d.device)
         mask = mask.float()
         loss, adv, weight = mopd_loss(lp, t_lp, s_lp, mask, n_seq, cfg.weight_low, cfg.weight_high)
         (loss * d.world_size).backward()               # FSDP averages gradients over processes: undo it

@@ -302,11 +302,14 @@ class GatedGroupRMSNorm(nn.Module):
 # Mamba-2
 
 
-def causal_conv1d(x, weight, bias, past=None, same_doc=None):
+def causal_conv1d(x, weight, bias, past=None, same_doc=None, lead=None):
     """
     Depthwise causal conv over time:  out[t, c] = bias[c] + sum_j weight[c, j] * x[t - (K-1) + j, c].
     x [B, T, C]; weight [C, K]; past [B, K-1, C] holds the inputs before x (zeros at a sequence start);
     same_doc [B, T, K] (optional) zeroes taps that reach into another packed document.
+    lead [B] (optional): row b's first lead[b] inputs are padding (a cache continued with left-padded new
+    tokens, or a frozen row's decode step, lead = T): its past is moved to just before its first real input, so
+    the real inputs see the real history, not the padding, and a row of padding only keeps its past unchanged.
     Written as K shifted multiply-adds: as fast as F.conv1d on CPU, and the document mask fits in naturally.
     Returns (out [B, T, C], new_past [B, K-1, C]).
     """
@@ -314,6 +317,14 @@ def causal_conv1d(x, weight, bias, past=None, same_doc=None):
     if past is None:
         past = x.new_zeros(x.shape[0], K - 1, x.shape[2])
     xp = torch.cat([cast(past, x.dtype), x], dim=1)
+    if lead is not None and T == 1:  # a decode step: a frozen row (lead 1) keeps its past
+        out, new_past = causal_conv1d(x, weight, bias, past)
+        return out, torch.where(lead.bool()[:, None, None], cast(past, x.dtype), new_past)
+    if lead is not None:  # [past, pad * p, real] -> [pad * p, past, real]: a gather along time
+        j = torch.arange(K - 1 + T, device=x.device)[None]
+        p = lead[:, None]
+        src = torch.where(j < p, j + K - 1, torch.where(j < p + K - 1, j - p, j))
+        xp = xp.gather(1, src.unsqueeze(-1).expand(-1, -1, xp.shape[2]))
     out = bias if bias is not None else 0
     for j in range(K):
         tap = xp[:, j:j + T] * weight[:, j]
@@ -435,8 +446,9 @@ class Mamba2Mixer(nn.Module):
     # copies exist for one segment at a time.
     segment_tokens = 4096
 
-    def forward(self, u, valid=None, doc=None, cache=None):
-        """u [B, T, H]; valid [B, T] bool (False = padding); doc: dict with reset [B, T] and same_doc [B, T, K]."""
+    def forward(self, u, valid=None, doc=None, cache=None, lead=None):
+        """u [B, T, H]; valid [B, T] bool (False = padding); doc: dict with reset [B, T] and same_doc [B, T, K];
+        lead [B]: leading padding per row of a cache continuation (see causal_conv1d)."""
         T = u.shape[1]
         zxbcdt = self.in_proj(u)
         if cache is None and T > self.segment_tokens and torch.is_grad_enabled():
@@ -449,23 +461,25 @@ class Mamba2Mixer(nn.Module):
                 past = past.clone()         # a view of the whole segment's conv input: keep only the K-1 rows
             return self.out_proj(torch.cat(ys, dim=1))
         y, conv_past, ssm_state = self.mix(zxbcdt, valid, doc, cache["conv"] if cache else None,
-                                           cache["ssm"] if cache else None, step=cache is not None and T == 1)
+                                           cache["ssm"] if cache else None, step=cache is not None and T == 1,
+                                           lead=lead)
         if cache is not None:       # in place: the cache's tensors are fixed buffers (a CUDA graph replays them)
             cache["conv"].copy_(conv_past)
             cache["ssm"].copy_(ssm_state)                             # (a no-op after ssm_step: the same tensor)
         return self.out_proj(y)
 
-    def mix(self, zxbcdt, valid, doc, conv_past=None, ssm_state=None, step=False):
+    def mix(self, zxbcdt, valid, doc, conv_past=None, ssm_state=None, step=False, lead=None):
         """in_proj output -> gated, normed SSM output [B, T, d_inner] in the input's dtype, continuing from
         conv_past [B, K-1, conv_dim] and ssm_state [B, h, p, n] (None = a sequence start); returns (y, conv_past,
-        ssm_state) after the last token. step: one token, ssm_state updated in place."""
+        ssm_state) after the last token. step: one token, ssm_state updated in place. A padding token changes
+        neither state: its input is zeroed and its dt is 0 (no decay), and `lead` keeps the conv history."""
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         if valid is not None:           # padding must not leak into the state: zero inputs, no decay
             xBC = xBC * valid.unsqueeze(-1).to(xBC.dtype)
         conv_w, conv_b = self.conv1d.weight.squeeze(1), self.conv1d.bias     # fp32 under FSDP bf16: compute
         conv_b = cast(conv_b, xBC.dtype) if conv_b is not None else None     # in the activations' dtype
         xBC, conv_past = causal_conv1d(xBC, cast(conv_w, xBC.dtype), conv_b, past=conv_past,
-                                       same_doc=doc["same_doc"] if doc else None)
+                                       same_doc=doc["same_doc"] if doc else None, lead=lead)
         xBC = F.silu(xBC)
         x, B, C = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
         x = cast(x).unflatten(-1, (self.n_heads, self.head_dim))
@@ -700,10 +714,10 @@ class Block(nn.Module):
         else:
             self.mixer = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, h, valid=None, doc=None, attn_mask=None, cache=None, pos=0):
+    def forward(self, h, valid=None, doc=None, attn_mask=None, cache=None, pos=0, lead=None):
         x = self.norm(h)
         if self.kind == "mamba":
-            x = self.mixer(x, valid=valid, doc=doc, cache=cache)
+            x = self.mixer(x, valid=valid, doc=doc, cache=cache, lead=lead)
         elif self.kind == "attention":
             x = self.mixer(x, attn_mask=attn_mask, cache=cache, pos=pos)
         else:
@@ -717,8 +731,10 @@ class InferenceCache:
       attention: k, v [B, n_kv, max_len, head_dim] (model dtype)
       Mamba:     conv [B, K-1, conv_dim] (the last K-1 conv inputs), ssm [B, n_heads, head_dim, state] (fp32)
     `valid` [B, max_len] marks cached positions that hold real tokens; `pos` counts positions written so far
-    (the same for every row, since rows are left-padded), and `pos_t` holds the same count on the device for
-    decode steps. Every tensor is updated in place, so a captured CUDA graph can replay a decode step.
+    (the same for every row: rows are left-padded, and a row continued after others, as the turns of episodes of
+    different lengths, has masked gaps, harmless because attention has no positional encoding), and `pos_t`
+    holds the same count on the device for decode steps. Every tensor is updated in place, so a captured CUDA
+    graph can replay a decode step.
     static_shapes: decode steps attend over all max_len positions (masked) instead of the first pos + 1, so
     every step runs the same kernels on the same shapes (what CUDA-graph capture needs).
     """
@@ -747,12 +763,16 @@ class InferenceCache:
     def batch_size(self):
         return self.valid.shape[0]
 
-    def decode_step(self):
-        """Positions for one decoded token per row: marks position pos valid, on the device (no host sync).
+    def decode_step(self, live=None):
+        """Positions for one decoded token per row: marks position pos valid, on the device (no host sync); with
+        live [B] bool, only for the live rows (a frozen row's token is padding: it changes none of its state).
         Returns (pos_t, the attention mask [B, 1, 1, S] over the first S cached positions)."""
         if self.pos + 1 > self.max_len:
             raise ValueError(f"cache holds {self.max_len} positions, all used")
-        self.valid.index_fill_(1, self.pos_t, True)
+        if live is None:
+            self.valid.index_fill_(1, self.pos_t, True)
+        else:
+            self.valid.index_copy_(1, self.pos_t, live[:, None])
         S = self.max_len if self.static_shapes else self.pos + 1
         return self.pos_t, self.valid[:, None, None, :S]
 
@@ -773,6 +793,42 @@ class InferenceCache:
         w.layers = [None if layer is None else {key: t[rows, :, start:] if key in ("k", "v") else t[rows]
                                                  for key, t in layer.items()} for layer in self.layers]
         return w
+
+    def extend(self, max_len):
+        """Room for max_len positions in all (a multi-turn episode's history grows turn by turn): the attention
+        layers' buffers and `valid` are copied into longer ones; the Mamba state does not grow."""
+        extra = max_len - self.max_len
+        if extra <= 0:
+            return self
+        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], extra, *t.shape[3:])], dim=2) if t.dim() == 4 \
+            else torch.cat([t, t.new_zeros(t.shape[0], extra)], dim=1)
+        self.valid = pad(self.valid)
+        for layer in self.layers:
+            if layer is not None and "k" in layer:
+                layer["k"], layer["v"] = pad(layer["k"]), pad(layer["v"])
+        self.max_len = max_len
+        return self
+
+    def take(self, rows: torch.Tensor):
+        """A new cache holding copies of rows `rows`, at this one's position (this one is left as it is)."""
+        part = object.__new__(InferenceCache)
+        part.max_len, part.pos, part.static_shapes = self.max_len, self.pos, self.static_shapes
+        part.pos_t, part.valid = self.pos_t.clone(), self.valid[rows]
+        part.layers = [None if layer is None else {key: t[rows] for key, t in layer.items()} for layer in self.layers]
+        return part
+
+    @staticmethod
+    def concat(parts):
+        """One cache of the rows of `parts` (caches of equal max_len) in order, at the furthest one's position: a
+        row from a part that stopped earlier has invalid (masked) positions up to there."""
+        first = max(parts, key=lambda c: c.pos)
+        out = object.__new__(InferenceCache)
+        out.max_len, out.pos, out.static_shapes = first.max_len, first.pos, first.static_shapes
+        out.pos_t = first.pos_t.clone()
+        out.valid = torch.cat([c.valid for c in parts])
+        out.layers = [None if layer is None else {key: torch.cat([c.layers[i][key] for c in parts]) for key in layer}
+                      for i, layer in enumerate(first.layers)]
+        return out
 
     def select(self, rows: torch.Tensor):
         """Keep, reorder or repeat rows (e.g. drop finished rows, or copy a prompt's prefill n times)."""
@@ -819,7 +875,9 @@ class Model(nn.Module):
     def hidden_states(self, input_ids, attention_mask=None, doc_ids=None, cache=None):
         """
         Final normed hidden states [B, T, H].
-        attention_mask [B, T]: 1 for real tokens, 0 for (left) padding. doc_ids [B, T]: packed-document ids;
+        attention_mask [B, T]: 1 for real tokens, 0 for (left) padding; with a cache that holds tokens already,
+        padding before a row's new tokens (or a row of padding only: a frozen row) leaves its state as it was, so
+        rows of different lengths can each continue their own history. doc_ids [B, T]: packed-document ids;
         tokens only see earlier tokens of their own document, and the Mamba state restarts at each document.
         cache: an InferenceCache to prefill (T > 1) or step (T == 1); it advances by T positions.
         """
@@ -827,9 +885,15 @@ class Model(nn.Module):
         valid = attention_mask.bool() if attention_mask is not None else None
         pos = cache.pos if cache is not None else 0
         doc, attn_mask = None, None
-        step = cache is not None and T == 1 and valid is None and doc_ids is None      # one decoded token per row
+        step = cache is not None and T == 1 and doc_ids is None      # one decoded token per row
+        lead = None
+        if cache is not None and valid is not None and cache.pos > 0:
+            # a continuation with left-padded new tokens (the next turn of an episode), or a step in which some
+            # rows are frozen: the padding per row must leave the conv history alone (see causal_conv1d)
+            lead = (~valid[:, 0]).int() if T == 1 else (~valid).int().cumprod(dim=1).sum(dim=1)
         if step:
-            pos, attn_mask = cache.decode_step()        # position and mask on the device: no host sync
+            # position and mask on the device: no host sync
+            pos, attn_mask = cache.decode_step(None if valid is None else valid[:, 0])
         elif cache is not None:
             if pos + T > cache.max_len:
                 raise ValueError(f"cache holds {cache.max_len} positions, {pos} used, {T} more asked")
@@ -850,16 +914,16 @@ class Model(nn.Module):
                 attn_mask = Segments(cache.valid[:, :T].long())
             elif not (T == 1 and bool(cache.valid[:, :pos + T].all())):
                 attn_mask = build_attn_mask(T, cache.valid[:, :pos + T], pos)
-        elif valid is not None:                         # left padding: two runs per row, no dense mask
+        elif valid is not None and not step:            # left padding: two runs per row, no dense mask
             attn_mask = Segments(valid.long())
 
         h = self.backbone.embeddings(input_ids)
         for i, block in enumerate(self.backbone.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, valid, doc, attn_mask, layer_cache, pos, use_reentrant=False)
+                h = checkpoint(block, h, valid, doc, attn_mask, layer_cache, pos, lead, use_reentrant=False)
             else:
-                h = block(h, valid=valid, doc=doc, attn_mask=attn_mask, cache=layer_cache, pos=pos)
+                h = block(h, valid=valid, doc=doc, attn_mask=attn_mask, cache=layer_cache, pos=pos, lead=lead)
         if cache is not None:
             cache.advance(T)
         return self.backbone.norm_f(h)
@@ -870,10 +934,14 @@ class Model(nn.Module):
         h = self.hidden_states(input_ids, attention_mask, doc_ids, cache)
         if targets is None:
             return self.lm_head(h)
-        # chunked: never [B*T, V] fp32 logits at once; under autograd each chunk is recomputed in backward
+        # chunked: never [B*T, V] fp32 logits at once; under autograd each chunk is recomputed in backward. Only
+        # the positions with a target go through lm_head: prompts (SFT's system and user turns, a rollout's
+        # prompt) are half or more of a packed row's tokens, and lm_head is a quarter of the tiny model's FLOPs
         chunk_tokens = chunk_tokens or max(64, 2**24 // self.config.vocab_size)
         flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-        return ChunkedLogprobs.apply(flat_h, self.lm_head.weight, flat_t, temperature, chunk_tokens).view_as(targets)
+        scored = (flat_t >= 0).nonzero().squeeze(1)
+        lp = ChunkedLogprobs.apply(flat_h[scored], self.lm_head.weight, flat_t[scored], temperature, chunk_tokens)
+        return lp.new_zeros(flat_t.shape).index_put((scored,), lp).view_as(targets)
 
     def token_logprobs(self, input_ids, targets, attention_mask=None, doc_ids=None, temperature=1.0,
                        chunk_tokens=None):
@@ -1140,6 +1208,8 @@ class ChunkedLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, targets, temperature, chunk):
         ctx.save_for_backward(h, weight, targets)
         ctx.temperature, ctx.chunk = temperature, chunk
+        if h.shape[0] == 0:                  # nothing to score (an empty pass): still a node, so lm_head gets a grad
+            return torch.zeros(0, dtype=torch.float32, device=h.device)
         return torch.cat([_chunk_logits(h[s:s + chunk], targets[s:s + chunk], weight, temperature)[1]
                           for s in range(0, h.shape[0], chunk)])
 

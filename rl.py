@@ -23,6 +23,7 @@ Rerun the same command: finished stages are skipped, an interrupted one resumes 
 with exactly the rewards and losses of an uninterrupted run (rollouts are seeded by seed, stage, step, rank).
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -49,6 +50,7 @@ from tokenizer import load_tokenizer
 class StageConfig:
     name: str = "stage"  # the stage's sub-directory of out_dir and its row in cascade.json
     domains: tuple[str, ...] = ("if",)  # domains this stage trains on
+    prompt_data: str = ""  # this stage's prompts (any tasks.load_examples source; empty = the run's --train_data)
     weights: tuple[float, ...] = ()  # share of each domain's prompts in a batch (empty = equal shares)
     steps: int = 20  # optimizer steps, one per rollout batch (paper: IF-RL ~180, multi-domain ~70, code 22)
     prompts_per_step: int = 8  # prompts (GRPO groups) per batch, across processes (paper: 128)
@@ -60,7 +62,9 @@ class StageConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (paper: 0.9, 0.95)
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    max_new_tokens: int = 128  # rollout token budget; a completion cut off here scores 0
+    max_new_tokens: int = 128  # rollout token budget (a multi-turn domain's: per turn); a cut-off completion scores 0
+    max_turns: int = 0  # multi-turn domains: assistant turns per episode (0 = each environment's own limit)
+    max_episode_tokens: int = 1024  # multi-turn domains: tokens after the prompt (turns and replies); past it: 0
     temperature: float = 1.0  # rollout temperature (paper: 1.0; anything else is not the policy's distribution)
     top_p: float = 1.0  # rollout nucleus mass (paper: 1.0; code RL 0.95)
     thinking: bool = True  # render prompts in thinking mode
@@ -69,6 +73,14 @@ class StageConfig:
     dynamic_filtering: bool = True  # drop groups whose rewards are all equal and sample more prompts
     max_fill_rounds: int = 3  # extra sampling rounds to fill a filtered batch; then warn and train on what is kept
     eval_every: int = 0  # held-out evaluation every N steps (0 = at the start and end of the stage only)
+
+    def validate(self):
+        problems = common.check_fields(self, prompt_data=common.optional(common.data_source),
+                                       max_turns=common.at_least(0))
+        if self.max_episode_tokens < self.max_new_tokens:
+            problems.append(f"--max_episode_tokens={self.max_episode_tokens}: must be >= max_new_tokens "
+                            f"({self.max_new_tokens}), a turn's budget")
+        return problems
 
 
 DEFAULT_PRESET = "configs/rl_tiny.json"
@@ -84,6 +96,7 @@ class RLConfig:
     eval_per_domain: int = 30  # held-out examples per domain (0 = all)
     eval_max_new_tokens: int = 96  # generation budget of the held-out evaluation
     eval_batch_size: int = 64  # held-out prompts per generate call
+    eval_max_episode_tokens: int = 1024  # multi-turn domains' held-out episodes: tokens after the prompt
     eval_thinking: bool = True  # held-out prompts in thinking mode
     only: tuple[str, ...] = ()  # run only these stages (names; empty = all); the others must be finished
     max_steps: int = 0  # cap every stage's steps (smoke tests; 0 = the preset's)
@@ -236,7 +249,7 @@ def train_step(model, prompts, completions, advantages, micro_batch_tokens, grad
     up; a process with fewer runs empty ones). Returns the batch's loss, grad norm, and the trainer log-probs of
     every sampled token (per rollout) for the sampler/trainer consistency check.
     """
-    n_local = sum(len(c.tokens) for c in completions)
+    n_local = sum(len(c.policy(c.tokens)) for c in completions)          # environment tokens train nothing
     n_tokens = common.all_reduce_sum(torch.tensor(float(n_local), device=d.device), d).clamp(min=1)
     adv = torch.as_tensor(advantages, dtype=torch.float32, device=d.device)
     loss_sum, trainer_lp = torch.zeros((), device=d.device), [None] * len(completions)
@@ -336,28 +349,30 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_p
     def rollout_round(step, rnd, count):
         draws = common.draw_prompts(pools, weights, count, cfg.seed, index, step, rnd)[d.rank::d.world_size]
         prompts = [prompt_ids[k][i].tolist() for k, i in draws]
+        examples = [pools[k][i] for k, i in draws]
         t0 = time.perf_counter()
-        outs, per_call = [], stage.sample_batch or max(len(prompts), 1)
-        with sample.sampling_weights(model):                 # the weights are gathered once for all the calls
-            for c, start in enumerate(range(0, len(prompts), per_call)):
-                outs += sample.generate(model, prompts[start:start + per_call], stage.max_new_tokens,
-                                        temperature=stage.temperature, top_p=stage.top_p, n=stage.rollouts,
-                                        stop_token_ids=tokenizer.stop_token_ids, raw_logprobs=True,
-                                        seed=common.rollout_seed(cfg.seed, index, step, d.rank, rnd, c))
+        n = stage.rollouts
+        outs, rewards, played = sample.sample_groups(
+            model, tokenizer, examples, prompts, n, stage.max_new_tokens, stage.sample_batch,
+            lambda c: common.rollout_seed(cfg.seed, index, step, d.rank, rnd, c), temperature=stage.temperature,
+            top_p=stage.top_p, max_turns=stage.max_turns, max_episode_tokens=stage.max_episode_tokens,
+            thinking=stage.thinking)
+        outcomes.update(played)
         t1 = time.perf_counter()
-        examples = [pools[k][i] for k, i in draws for _ in range(stage.rollouts)]
-        texts = [sample.response_text(tokenizer, c, stage.thinking) for c in outs]
-        rewards = grade(examples, texts, [c.finish_reason == "stop" for c in outs])
+        flat = [i for i, r in enumerate(rewards) if r is None]         # single-turn: graded by the verifiers
+        texts = [sample.response_text(tokenizer, outs[i], stage.thinking) for i in flat]
+        graded = grade([examples[i // n] for i in flat], texts, [outs[i].finish_reason == "stop" for i in flat])
+        for i, r in zip(flat, graded):
+            rewards[i] = r
         timing["sample"] += t1 - t0
         timing["score"] += time.perf_counter() - t1
-        n = stage.rollouts
         return [dict(domain=stage.domains[k], prompt=prompts[j], completions=outs[j * n:(j + 1) * n],
                      rewards=rewards[j * n:(j + 1) * n]) for j, (k, _) in enumerate(draws)]
 
     def evaluate():
         t0 = time.perf_counter()
         scores = common.evaluate_domains(model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens,
-                                         cfg.eval_thinking, cfg.eval_batch_size)
+                                         cfg.eval_thinking, cfg.eval_batch_size, cfg.eval_max_episode_tokens)
         return scores, time.perf_counter() - t0
 
     model.train()
@@ -367,6 +382,7 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_p
         if step == cfg.inject_kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
         timing = dict(sample=0.0, score=0.0)
+        outcomes = collections.Counter()          # how this step's episodes ended (multi-turn domains)
         lr = common.lr_at(step, stage.lr, stage.warmup_steps, steps, "constant")
         common.set_lr(optimizer, lr)
         kept, sampled, drawn = fill_batch(lambda rnd, count: rollout_round(step, rnd, count),
@@ -391,6 +407,7 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_p
         timing["train"] = time.perf_counter() - t_train
 
         metrics = step_metrics(sampled, completions, trainer_lp, stage, drawn, d)
+        metrics.update(episode_metrics(outcomes, d))
         metrics.update(loss=loss, grad_norm=grad_norm, lr=lr, groups_kept=n_kept, expert_imbalance=imbalance,
                        time_sample=timing["sample"], time_score=timing["score"], time_train=timing["train"],
                        rollout_tokens_per_s=metrics.pop("rollout_tokens") / max(timing["sample"], 1e-9),
@@ -421,18 +438,31 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_p
     return export_dir, scores
 
 
+def episode_metrics(outcomes, d):
+    """How the step's multi-turn episodes ended, over all processes: the share that the environment finished,
+    and the shares cut by the turn limit and by the token budget (both scored 0). Empty for a stage without
+    multi-turn domains."""
+    keys = ("done", "turns", "tokens")
+    counts = common.all_reduce_sum(torch.tensor([float(outcomes[k]) for k in keys], device=d.device), d).tolist()
+    total = sum(counts)
+    if not total:
+        return {}
+    return {"episodes_done_frac": counts[0] / total, "episodes_over_turns_frac": counts[1] / total,
+            "episodes_over_tokens_frac": counts[2] / total}
+
+
 def step_metrics(sampled, completions, trainer_lp, stage, drawn, d):
     """Per-step health numbers over every group sampled this step (all processes): reward per domain, zero-variance
     groups, response lengths, entropy (estimated as the mean -log p of the sampled tokens at temperature 1), and
     |sampler - trainer| log-prob over the trained tokens."""
     doms = list(stage.domains)
     sums = torch.zeros(len(doms), 2)                                   # reward sum, rollout count per domain
-    lens = [len(c.tokens) for g in sampled for c in g["completions"]]
+    lens = [len(c.policy(c.tokens)) for g in sampled for c in g["completions"]]        # tokens the policy wrote
     for g in sampled:
         sums[doms.index(g["domain"])] += torch.tensor([sum(g["rewards"]), len(g["rewards"])])
     n_zero = sum(max(g["rewards"]) == min(g["rewards"]) for g in sampled)
-    raw = [lp for g in sampled for c in g["completions"] for lp in c.raw_logprobs]
-    diffs = [abs(s - t) for c, tl in zip(completions, trainer_lp) for s, t in zip(c.raw_logprobs, tl)]
+    raw = [lp for g in sampled for c in g["completions"] for lp in c.policy(c.raw_logprobs)]
+    diffs = [abs(s - t) for c, tl in zip(completions, trainer_lp) for s, t in zip(c.policy(c.raw_logprobs), tl)]
     n_cut = sum(c.finish_reason == "length" for g in sampled for c in g["completions"])
     local = torch.tensor([len(sampled), n_zero, len(lens), sum(lens), n_cut, -sum(raw), len(raw), sum(diffs),
                           len(diffs)], dtype=torch.float64)
@@ -467,7 +497,7 @@ def main(cfg: RLConfig, stages: list, source="preset"):
     tokenizer = load_tokenizer(cfg.init)
     init_config = Model.config_from_pretrained(cfg.init)
     common.check_tokenizer(tokenizer, init_config, f"--init {cfg.init}")
-    train_examples = tasks.load_examples(cfg.train_data, verbose=d.is_main)
+    loaded = {}                                      # train_data source -> its examples, each read once
     eval_examples = common.load_eval_examples(cfg.eval_data, per_domain=cfg.eval_per_domain)
     context = init_config.max_position_embeddings
     sample.encode_prompts(tokenizer, eval_examples, cfg.eval_thinking, context, cfg.eval_max_new_tokens,
@@ -475,10 +505,13 @@ def main(cfg: RLConfig, stages: list, source="preset"):
     stage_prompts = {}                       # every stage still to run: its prompts encoded once, and checked to
     for stage in stages:                     # fit, before any model loads
         if finished_row(cfg, stage, cascade_path) is None:
-            stage_prompts[stage.name] = common.prompt_pools(train_examples, stage.domains, tokenizer, stage.thinking,
-                                                            stage.max_new_tokens, context, train_source(cfg, stage))
+            data = stage.prompt_data or cfg.train_data
+            if data not in loaded:
+                loaded[data] = tasks.load_examples(data, verbose=d.is_main)
+            stage_prompts[stage.name] = common.prompt_pools(loaded[data], stage.domains, tokenizer, stage.thinking,
+                                                            stage_budget(stage), context, train_source(cfg, stage))
     evaluation = dict(data=cfg.eval_data, per_domain=cfg.eval_per_domain, max_new_tokens=cfg.eval_max_new_tokens,
-                      thinking=cfg.eval_thinking, greedy=True)
+                      max_episode_tokens=cfg.eval_max_episode_tokens, thinking=cfg.eval_thinking, greedy=True)
     common.check_evaluation(common.read_cascade(cascade_path), evaluation, cascade_path)
 
     # the starting checkpoint's row: the scores every stage is compared with
@@ -486,7 +519,7 @@ def main(cfg: RLConfig, stages: list, source="preset"):
         model = common.load_policy(cfg.init, d, cfg.bf16)
         t0 = time.perf_counter()
         scores = common.evaluate_domains(model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens,
-                                         cfg.eval_thinking, cfg.eval_batch_size)
+                                         cfg.eval_thinking, cfg.eval_batch_size, cfg.eval_max_episode_tokens)
         del model
         common.write_cascade_row(cascade_path, dict(name=cfg.init_name, checkpoint=os.path.abspath(cfg.init),
                                                     trained=[], scores=scores), d, evaluation)
@@ -528,9 +561,17 @@ def finished_row(cfg, stage, cascade_path):
     return row if row is not None and os.path.isfile(export) else None
 
 
+def stage_budget(stage):
+    """Tokens a stage's rollout may add after its prompt: a turn's budget, or an episode's where it has
+    multi-turn domains (a prompt must fit the model's context with it)."""
+    multi = any(dom in tasks.ENVIRONMENTS for dom in stage.domains)
+    return max(stage.max_new_tokens, stage.max_episode_tokens if multi else 0)
+
+
 def train_source(cfg, stage):
     """How errors name a stage's training prompts (the same up front and when the stage runs)."""
-    return f"stage {stage.name!r}: --train_data {cfg.train_data}"
+    return f"stage {stage.name!r}: " + (f"its prompt_data {stage.prompt_data}" if stage.prompt_data else
+                                         f"--train_data {cfg.train_data}")
 
 
 def fmt(scores):

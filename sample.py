@@ -46,6 +46,7 @@ import itertools
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -53,7 +54,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from model import Model
+from model import InferenceCache, Model
 
 
 @dataclass
@@ -62,6 +63,12 @@ class Completion:
     logprobs: list[float]               # log pi_sampler(token): tempered + truncated distribution (see the top)
     finish_reason: str                  # "stop" (a stop token was sampled) or "length" (max_new_tokens reached)
     raw_logprobs: Optional[list[float]] = None  # model log-softmax at temperature 1, untruncated (raw_logprobs=True)
+    mask: Optional[list[int]] = None    # multi-turn: 1 on the tokens the policy sampled, 0 on the environment's
+    turns: int = 1                      # assistant turns in the completion
+
+    def policy(self, values):
+        """Per-token values (tokens, logprobs, ...) at the tokens the policy sampled: what a loss trains on."""
+        return list(values) if self.mask is None else [v for v, m in zip(values, self.mask) if m]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,37 +267,9 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     # 1. prefill into one left-padded cache (every row's next token is at position L, so a decode step is one
-    # batch), a bucket of similar lengths at a time: bucket b (its longest prompt L_b tokens) is run alone into
-    # the cache's window of its rows and positions [L - L_b, L), so a short prompt pays for padding up to its
-    # bucket's longest, not to the batch's (16 prompts of 32-128 tokens, 1440 real: 1594 computed, not 1904).
-    # Within a bucket the pad id is irrelevant (the attention mask keeps padding out of every row's state).
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))          # cache row j holds order[j]
-    lengths = [len(prompts[i]) for i in order]
-    L = lengths[0]
-    cache = model.new_cache(len(prompts), L + max_new_tokens - 1,    # the last sampled token is never fed back
-                            static_shapes=static_shapes or cuda_graph)
-    buckets = _length_buckets(lengths)
-    chunk = prefill_chunk if prefill_chunk > 0 else L
-    n_pieces = sum(-(-lengths[rows.start] // chunk) for rows in buckets)
-    bar = tqdm(total=n_pieces, desc=f"prefill {sum(lengths)} tokens", unit="chunk", file=sys.stderr,
-               leave=False, disable=not progress or n_pieces == len(buckets))
-    last = []
-    for rows in buckets:
-        bucket, Lb = [prompts[i] for i in order[rows]], lengths[rows.start]
-        ids = torch.zeros(len(bucket), Lb, dtype=torch.long)
-        mask = torch.zeros(len(bucket), Lb, dtype=torch.long)
-        for r, prompt in enumerate(bucket):
-            ids[r, Lb - len(prompt):], mask[r, Lb - len(prompt):] = torch.tensor(prompt, dtype=torch.long), 1
-        ids, mask, window = ids.to(device), mask.to(device), cache.window(rows, L - Lb)
-        for start in range(0, Lb, chunk):
-            piece = mask[:, start:start + chunk]
-            logits = _last_logits(model, ids[:, start:start + chunk], cache=window,
-                                  attention_mask=None if bool(piece.all()) else piece)
-            bar.update()
-        last.append(logits)
-    bar.close()
-    cache.advance(L)
-    logits = torch.cat(last)
+    # batch), in length buckets (see _prefill); cache row j holds prompt order[j]
+    cache, logits, order = _prefill(model, prompts, max_new_tokens - 1,  # the last sampled token is never fed back
+                                    static_shapes or cuda_graph, prefill_chunk, progress)
 
     # 2. group sampling: n copies of each prompt's state. The rows stay in length order (putting them back in
     # prompt order would copy the whole cache): slot j decodes completion slots[j], of prompt order[j // n]
@@ -315,6 +294,45 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     stop_set = set(stop_token_ids)
     return [Completion(tokens=toks, logprobs=lps, finish_reason="stop" if toks and toks[-1] in stop_set else "length",
                        raw_logprobs=raws) for toks, lps, raws in per_completion]
+
+
+def _prefill(model, prompts, room, static_shapes=False, prefill_chunk=4096, progress=False):
+    """
+    Prefill ragged prompts into one left-padded cache with `room` positions after the longest: every row's next
+    token is at position L, the longest prompt's length, so a decode step is one batch. A bucket of similar
+    lengths at a time: bucket b (its longest prompt L_b tokens) is run alone into the cache's window of its rows
+    and positions [L - L_b, L), so a short prompt pays for padding up to its bucket's longest, not to the batch's
+    (16 prompts of 32-128 tokens, 1440 real: 1594 computed, not 1904). Within a bucket the pad id is irrelevant
+    (the attention mask keeps padding out of every row's state). Returns (cache, last logits [B, V] in cache
+    row order, order: cache row j holds prompts[order[j]], longest first).
+    """
+    device = model.lm_head.weight.device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    lengths = [len(prompts[i]) for i in order]
+    L = lengths[0]
+    cache = model.new_cache(len(prompts), L + room, static_shapes=static_shapes)
+    buckets = _length_buckets(lengths)
+    chunk = prefill_chunk if prefill_chunk > 0 else L
+    n_pieces = sum(-(-lengths[rows.start] // chunk) for rows in buckets)
+    bar = tqdm(total=n_pieces, desc=f"prefill {sum(lengths)} tokens", unit="chunk", file=sys.stderr,
+               leave=False, disable=not progress or n_pieces == len(buckets))
+    last = []
+    for rows in buckets:
+        bucket, Lb = [prompts[i] for i in order[rows]], lengths[rows.start]
+        ids = torch.zeros(len(bucket), Lb, dtype=torch.long)
+        mask = torch.zeros(len(bucket), Lb, dtype=torch.long)
+        for r, prompt in enumerate(bucket):
+            ids[r, Lb - len(prompt):], mask[r, Lb - len(prompt):] = torch.tensor(prompt, dtype=torch.long), 1
+        ids, mask, window = ids.to(device), mask.to(device), cache.window(rows, L - Lb)
+        for start in range(0, Lb, chunk):
+            piece = mask[:, start:start + chunk]
+            logits = _last_logits(model, ids[:, start:start + chunk], cache=window,
+                                  attention_mask=None if bool(piece.all()) else piece)
+            bar.update()
+        last.append(logits)
+    bar.close()
+    cache.advance(L)
+    return cache, torch.cat(last), order
 
 
 def _length_buckets(lengths, ratio=0.75):
@@ -476,6 +494,268 @@ class _CudaGraphStep(_EagerStep):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Multi-turn episodes: the policy's turns and the environment's replies in one cache
+
+
+@torch.inference_mode()
+def generate_episodes(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                      respond: Callable[[list[int], list[list[int]]], list], n: int = 1, max_turns: int = 4,
+                      max_tokens: int = 1024, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                      stop_token_ids=None, seed: Optional[int] = None, *, raw_logprobs: bool = False,
+                      prefill_chunk: int = 4096, check_every: int = 8) -> list[Completion]:
+    """
+    n multi-turn episodes per prompt, all of them batched turn by turn: sample one assistant turn per live
+    episode (at most max_new_tokens, ending at a stop token), hand the finished turns to `respond`, append each
+    reply to its episode's cache, and go on. The caches carry over between turns: a turn costs the prefill of
+    the reply's tokens, not of the whole history.
+
+    respond(episodes, turns) -> replies: called after every turn with the indices (into the returned list) of
+    the episodes whose turn ended on a stop token and each turn's tokens (the stop token last); returns, for
+    each, the reply's token ids to append after that stop token (the environment's turn and the next generation
+    prompt), or None when the episode is over. An episode ends "stop" when respond returns None, and "length"
+    when a turn runs out of max_new_tokens, when it would need a turn after max_turns, or when its tokens after
+    the prompt would pass max_tokens (an unfinished episode: the caller scores it 0).
+
+    Returns len(prompts) * n Completions grouped by prompt, as generate: tokens are every token after the prompt
+    (turns and replies, in order); mask is 1 on the turns' tokens, 0 on the replies'; logprobs (and
+    raw_logprobs) are 0 on reply tokens. Sampling and seeding are generate's; with the same seed an episode's
+    draws do not depend on which other episodes share its batch.
+
+    How the cache continues: all rows share one write position. Within a turn, a row that has stopped is
+    frozen (its decode steps are padding: model.hidden_states leaves its state alone), and every check_every
+    steps, when at most half the rows are live, the stopped rows' caches are parked (copied out) and the batch
+    shrinks, as generate's does. After the turn, the rows of the episodes that go on are gathered from the
+    parts into one cache, and their replies, left-padded to the longest, are prefilled at the shared position.
+    The rows' gaps are masked positions, harmless because NemotronH's attention has no positional encoding.
+    """
+    if _is_sharded(model) and id(model) not in _GATHERED:
+        with sampling_weights(model):
+            return generate_episodes(model, prompts, max_new_tokens, respond, n, max_turns, max_tokens,
+                                     temperature, top_p, top_k, stop_token_ids, seed, raw_logprobs=raw_logprobs,
+                                     prefill_chunk=prefill_chunk, check_every=check_every)
+    model = _GATHERED.get(id(model), model)
+    if n < 1 or max_turns < 1 or max_new_tokens < 1:
+        raise ValueError(f"n, max_turns and max_new_tokens must be >= 1, got {n}, {max_turns}, {max_new_tokens}")
+    prompts = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
+    if any(not p for p in prompts):
+        raise ValueError("an empty prompt: a prompt needs at least one token")
+    if stop_token_ids is None:
+        stop_token_ids = [model.config.eos_token_id]
+    stop_t = torch.tensor(sorted(set(int(t) for t in stop_token_ids)), dtype=torch.long)
+    if not stop_t.numel():
+        raise ValueError("episodes need a stop token: a turn ends at one")
+    N = len(prompts) * n
+    if N == 0:
+        return []
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stop_d = stop_t.to(device)
+
+    cache, logits, order = _prefill(model, prompts, max_new_tokens, prefill_chunk=prefill_chunk)
+    episode = (torch.tensor(order)[:, None] * n + torch.arange(n)).flatten()     # the episode of each cache row
+    if n > 1:
+        copies = torch.arange(len(prompts), device=device).repeat_interleave(n)
+        cache.select(copies)
+        logits = logits[copies]
+    tokens = [[] for _ in range(N)]
+    logprobs = [[] for _ in range(N)]
+    raws = [[] for _ in range(N)] if raw_logprobs else None
+    masks = [[] for _ in range(N)]
+    turns, finish = [0] * N, ["length"] * N
+
+    for turn in range(max_turns):
+        B = len(episode)
+        cache.extend(cache.pos + max_new_tokens)
+        out_t = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        out_lp = torch.zeros(B, max_new_tokens, device=device)
+        out_raw = torch.zeros(B, max_new_tokens, device=device) if raw_logprobs else None
+        parts, at = [], torch.arange(B, device=device)       # at: the turn row (of out_t) of each cache row
+        live = torch.ones(B, dtype=torch.bool, device=device)
+        ran = 0
+        for step in range(max_new_tokens):
+            noise = None
+            if not is_greedy(temperature, top_k):              # every episode's draws, then this batch's rows
+                rows = episode.to(device)[at]
+                noise = torch.empty(N, logits.shape[-1], device=device).exponential_(generator=generator)[rows]
+            tok, lp, raw = sample_tokens(logits, temperature, top_p, top_k, raw=raw_logprobs, noise=noise)
+            out_t[at, step], out_lp[at, step] = tok, lp
+            if raw is not None:
+                out_raw[at, step] = raw
+            live = live & ~torch.isin(tok, stop_d)
+            ran = step + 1
+            if step == max_new_tokens - 1:
+                break
+            if ran % check_every == 0:
+                going = live.nonzero().squeeze(1)                          # the loop's one host sync
+                if going.numel() == 0:
+                    break
+                if going.numel() <= live.numel() // 2:  # park the stopped rows' caches until the turn ends
+                    parked = (~live).nonzero().squeeze(1)
+                    parts.append((cache.take(parked), at[parked]))
+                    cache.select(going)
+                    at, tok, live = at[going], tok[going], live[going]
+            # a row that has stopped feeds padding: its state stays its history (no host sync here)
+            logits = _last_logits(model, tok[:, None], attention_mask=live[:, None], cache=cache)
+        parts.append((cache, at))
+
+        out_t, out_lp = out_t[:, :ran].cpu(), out_lp[:, :ran].cpu()
+        out_raw = out_raw[:, :ran].cpu() if out_raw is not None else None
+        is_stop = torch.isin(out_t, stop_t)
+        stopped = is_stop.any(dim=1)
+        length = torch.where(stopped, is_stop.int().argmax(dim=1) + 1, ran).tolist()
+        for r, e in enumerate(episode.tolist()):
+            k = length[r]
+            tokens[e] += out_t[r, :k].tolist()
+            logprobs[e] += out_lp[r, :k].tolist()
+            if raws is not None:
+                raws[e] += out_raw[r, :k].tolist()
+            masks[e] += [1] * k
+            turns[e] += 1
+        asked = [r for r in range(B) if stopped[r] and len(tokens[int(episode[r])]) <= max_tokens]
+        replies = respond([int(episode[r]) for r in asked], [out_t[r, :length[r]].tolist() for r in asked]) \
+            if asked else []
+        reply_of = {}
+        for r, reply in zip(asked, replies):
+            e = int(episode[r])
+            if reply is None:
+                finish[e] = "stop"
+            elif turn + 1 < max_turns and len(tokens[e]) + len(reply) < max_tokens:
+                tokens[e] += reply
+                logprobs[e] += [0.0] * len(reply)
+                if raws is not None:
+                    raws[e] += [0.0] * len(reply)
+                masks[e] += [0] * len(reply)
+                reply_of[r] = [tokens[e][len(tokens[e]) - len(reply) - 1]] + list(reply)  # the stop token, fed now
+        if not reply_of:
+            break
+        # the episodes that go on, from every part of the turn, in one cache; their replies, left-padded,
+        # prefilled at the shared position
+        kept = []
+        for part, rows in parts:
+            sel = [j for j, r in enumerate(rows.tolist()) if r in reply_of]
+            if sel:
+                kept.append((part.select(torch.tensor(sel, device=device)) if len(sel) < len(rows) else part,
+                             [rows[j].item() for j in sel]))
+        cache = InferenceCache.concat([part for part, _ in kept]) if len(kept) > 1 else kept[0][0]
+        order_rows = [r for _, rows in kept for r in rows]
+        episode = episode[order_rows]
+        inputs = [reply_of[r] for r in order_rows]
+        Ld = max(len(x) for x in inputs)
+        ids = torch.zeros(len(inputs), Ld, dtype=torch.long)
+        pad = torch.zeros(len(inputs), Ld, dtype=torch.long)
+        for r, x in enumerate(inputs):
+            ids[r, Ld - len(x):], pad[r, Ld - len(x):] = torch.tensor(x, dtype=torch.long), 1
+        cache.extend(cache.pos + Ld + max_new_tokens)
+        logits = _last_logits(model, ids.to(device), attention_mask=pad.to(device), cache=cache)
+
+    # an episode's tokens past max_tokens (its last turn ran over) are cut, and it ends "length"
+    out = []
+    for e in range(N):
+        if len(tokens[e]) > max_tokens:
+            finish[e] = "length"
+        k = min(len(tokens[e]), max_tokens)
+        out.append(Completion(tokens[e][:k], logprobs[e][:k], finish[e], raws[e][:k] if raws is not None else None,
+                              mask=masks[e][:k], turns=turns[e]))
+    return out
+
+
+@dataclass
+class Episodes:
+    """What run_episodes returns: one entry per episode, grouped by prompt (episode j of prompt i at i * n + j)."""
+    completions: list[Completion]
+    rewards: list[float]            # the environment's final reward; 0 for an episode that ran out of its budget
+    outcomes: list[str]             # "done" (the environment ended it), "turns" or "tokens" (out of budget: 0)
+
+
+def run_episodes(model: Model, tokenizer, examples: list[dict], prompts: list[list[int]], max_new_tokens: int,
+                 n: int = 1, max_turns: int = 0, max_tokens: int = 1024, thinking: bool = True, workers: int = 0,
+                 **sampling) -> Episodes:
+    """
+    Roll out n episodes of each example of a multi-turn domain (tasks.ENVIRONMENTS) with generate_episodes: one
+    environment per episode (tasks.make_env), stepped with each assistant turn's text (the template's opener
+    and the sampled tokens, as response_text gives it); its tool observations come back as encode_reply ids.
+    prompts: the examples' encode_prompts ids (the environments' reset() messages). max_turns: 0 = each
+    environment's own max_turns. The environments of a turn are stepped in parallel threads (the repair domain
+    runs its tests in sandbox processes). sampling: generate_episodes' keyword arguments (temperature, seed...).
+    """
+    import tasks
+    from tokenizer import encode_reply
+    envs = [tasks.make_env(ex) for ex in examples for _ in range(n)]
+    for env in envs:
+        env.reset()
+    limit = [max_turns or env.max_turns for env in envs]
+    rewards, outcomes, taken = [0.0] * len(envs), ["tokens"] * len(envs), [0] * len(envs)
+    opener = "<think>\n" if thinking else "<think></think>"
+
+    def respond(episodes, turns):
+        texts = [opener + tokenizer.decode(t[:-1]) for t in turns]             # the stop token dropped
+        with ThreadPoolExecutor(max_workers=workers or min(2 * (os.cpu_count() or 1), 64)) as pool:
+            steps = list(pool.map(lambda et: envs[et[0]].step(et[1]), zip(episodes, texts)))
+        replies = []
+        for e, (observations, done, reward) in zip(episodes, steps):
+            taken[e] += 1
+            if done:
+                rewards[e], outcomes[e] = float(reward), "done"
+                replies.append(None)
+            elif taken[e] >= limit[e]:                                    # no turn left: unfinished, 0
+                outcomes[e] = "turns"
+                replies.append(None)
+            else:
+                replies.append(encode_reply(tokenizer, observations, thinking))
+        return replies
+
+    completions = generate_episodes(model, prompts, max_new_tokens, respond, n=n, max_turns=max(limit, default=1),
+                                    max_tokens=max_tokens, stop_token_ids=tokenizer.stop_token_ids, **sampling)
+    for e, c in enumerate(completions):
+        if c.finish_reason != "stop" or outcomes[e] != "done":                # cut by a budget: reward 0
+            rewards[e] = 0.0
+            if outcomes[e] == "done":
+                outcomes[e] = "tokens"
+    return Episodes(completions, rewards, outcomes)
+
+
+def sample_groups(model: Model, tokenizer, examples: list[dict], prompts: list[list[int]], n: int,
+                  max_new_tokens: int, per_call: int, seed_of_call: Callable[[int], int], *, max_turns: int = 0,
+                  max_episode_tokens: int = 1024, thinking: bool = True, **sampling):
+    """
+    n rollouts of each prompt, what RL and MOPD train on, with the raw log-probs: a single-turn example's are
+    completions of generate, a multi-turn example's are episodes of run_episodes (their environments score
+    them as they play). per_call: prompts per generate call (0 = all at once; bounds the cache memory);
+    call c is seeded seed_of_call(c), single-turn calls first. Returns (completions, rewards, outcomes), the
+    first two grouped by prompt (rollout j of prompt i at i * n + j): rewards hold the environments' rewards
+    and None where a verifier is still to grade the completion (single-turn); outcomes counts how episodes
+    ended (run_episodes' outcomes).
+    """
+    import collections
+
+    import tasks
+    single = [j for j, ex in enumerate(examples) if ex["domain"] not in tasks.ENVIRONMENTS]
+    multi = [j for j, ex in enumerate(examples) if ex["domain"] in tasks.ENVIRONMENTS]
+    per_call = per_call or max(len(prompts), 1)
+    outs, rewards, outcomes = [None] * (len(prompts) * n), [None] * (len(prompts) * n), collections.Counter()
+    calls = [(single, s) for s in range(0, len(single), per_call)] + \
+            [(multi, s) for s in range(0, len(multi), per_call)]
+    with sampling_weights(model):                           # the weights are gathered once for all the calls
+        for c, (part, start) in enumerate(calls):
+            js = part[start:start + per_call]
+            kw = dict(sampling, n=n, raw_logprobs=True, seed=seed_of_call(c))
+            if part is multi:
+                played = run_episodes(model, tokenizer, [examples[j] for j in js], [prompts[j] for j in js],
+                                      max_new_tokens, max_turns=max_turns, max_tokens=max_episode_tokens,
+                                      thinking=thinking, **kw)
+                got = played.completions
+                outcomes.update(played.outcomes)
+                for k, j in enumerate(js):
+                    rewards[j * n:(j + 1) * n] = played.rewards[k * n:(k + 1) * n]
+            else:
+                got = generate(model, [prompts[j] for j in js], max_new_tokens,
+                               stop_token_ids=tokenizer.stop_token_ids, **kw)
+            for k, j in enumerate(js):
+                outs[j * n:(j + 1) * n] = got[k * n:(k + 1) * n]
+    return outs, rewards, outcomes
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # evaluate
 
 
@@ -506,17 +786,19 @@ def encode_prompts(tokenizer, examples: list[dict], thinking: bool, context: int
 def evaluate(model: Model, tokenizer, examples: list[dict], n: int = 1, max_new_tokens: int = 1024,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, thinking: bool = True,
              batch_size: int = 32, seed: Optional[int] = 0, progress: bool = False, return_responses: bool = False,
-             prompts: Optional[list[list[int]]] = None, **score_kwargs) -> dict:
+             prompts: Optional[list[list[int]]] = None, max_episode_tokens: int = 1024, **score_kwargs) -> dict:
     """
     Held-out scores of a model: render each example's prompt with the chat template (generation prompt,
     thinking or not), sample n responses per example (batch_size prompts per generate call, prompts sorted by
     length so a batch pads little), and grade them with tasks.score_responses (extra keyword arguments go to
-    it). Returns its result (per-domain pass@1 / avg@n ...), plus "generation": the share of responses cut off
-    at max_new_tokens, their mean length and the sampling settings (and "responses", the texts per example, with
-    return_responses=True). The stage scripts import this for their held-out evaluations;
-    `python sample.py --ckpt DIR --eval FILE` is its command line. prompts: the examples' encode_prompts ids,
-    if already made; otherwise they are made here, and one longer than the model's context is refused before
-    anything is generated.
+    it). An example of a multi-turn domain (tasks.ENVIRONMENTS) is played as n episodes instead (run_episodes:
+    max_new_tokens per turn, max_episode_tokens in all), scored by its environment. Returns the per-domain
+    pass@1 / avg@n ... of tasks.summarise_rewards, plus "generation": the share of responses cut off at their
+    budget, their mean length (policy tokens) and the sampling settings (and "responses", the texts per
+    example, with return_responses=True: for an episode, its whole text after the prompt). The stage scripts
+    import this for their held-out evaluations; `python sample.py --ckpt DIR --eval FILE` is its command line.
+    prompts: the examples' encode_prompts ids, if already made; otherwise they are made here, and one longer
+    than the model's context is refused before anything is generated.
     """
     import tasks
 
@@ -524,25 +806,40 @@ def evaluate(model: Model, tokenizer, examples: list[dict], n: int = 1, max_new_
         prompts = encode_prompts(tokenizer, examples, thinking, model.config.max_position_embeddings, max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     responses: list[list[str]] = [[] for _ in examples]
+    rewards: list[list[float]] = [[] for _ in examples]
     n_tokens, n_cut = 0, 0
     t0 = time.perf_counter()
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        outs = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature=temperature, top_p=top_p,
-                        top_k=top_k, n=n, stop_token_ids=tokenizer.stop_token_ids,
-                        seed=None if seed is None else seed + start)
+    single = [i for i in order if examples[i]["domain"] not in tasks.ENVIRONMENTS]
+    multi = [i for i in order if examples[i]["domain"] in tasks.ENVIRONMENTS]
+    for part, start in [(single, s) for s in range(0, len(single), batch_size)] + \
+                       [(multi, s) for s in range(0, len(multi), batch_size)]:
+        batch = part[start:start + batch_size]
+        call_seed = None if seed is None else seed + start + (len(single) if part is multi else 0)
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=call_seed)
+        if part is multi:
+            played = run_episodes(model, tokenizer, [examples[i] for i in batch], [prompts[i] for i in batch],
+                                  max_new_tokens, n=n, max_tokens=max_episode_tokens, thinking=thinking, **sampling)
+            outs = played.completions
+        else:
+            outs = generate(model, [prompts[i] for i in batch], max_new_tokens, n=n,
+                            stop_token_ids=tokenizer.stop_token_ids, **sampling)
         for k, i in enumerate(batch):
             group = outs[k * n:(k + 1) * n]
             responses[i] = [response_text(tokenizer, c, thinking) for c in group]
-            n_tokens += sum(len(c.tokens) for c in group)
+            if part is multi:
+                rewards[i] = played.rewards[k * n:(k + 1) * n]
+            n_tokens += sum(len(c.policy(c.tokens)) for c in group)
             n_cut += sum(c.finish_reason == "length" for c in group)
         if progress:
-            done = min(start + batch_size, len(order))
+            done = len(single) if part is multi else 0
+            done += min(start + batch_size, len(part))
             print(f"\r  generated {done}/{len(order)} prompts x {n} ({n_tokens / (time.perf_counter() - t0):,.0f} "
                   f"tokens/s)", end="" if done < len(order) else "\n", file=sys.stderr, flush=True)
-    result = tasks.score_responses(examples, responses, **score_kwargs)
+    graded = tasks.score_responses([examples[i] for i in single], [responses[i] for i in single], **score_kwargs)
+    for i, rs in zip(single, graded["rewards"]):
+        rewards[i] = rs
+    result = dict(tasks.summarise_rewards(examples, rewards))
     total = max(len(examples) * n, 1)
-    result = dict(result)
     result["generation"] = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k, thinking=thinking,
                                 max_new_tokens=max_new_tokens, truncated=n_cut / total,
                                 mean_tokens=n_tokens / total, seconds=time.perf_counter() - t0)

@@ -377,6 +377,21 @@ def encode_prompt(tokenizer: Tokenizer, messages, tools=None, thinking=True) -> 
     return encode_chat(tokenizer, messages, tools, thinking, add_generation_prompt=True)[0]
 
 
+def encode_reply(tokenizer: Tokenizer, observations, thinking=True) -> list[int]:
+    """An environment's reply to an assistant turn, as token ids that follow that turn's <|im_end|>: what the chat
+    template renders after it for these tool results (one user turn of <tool_response> blocks) and the next
+    generation prompt. A multi-turn rollout appends these to the sampled tokens, so the token stream equals the
+    template's rendering of the whole episode (tests/test_sample.py). Only "tool" messages: a user message would
+    make the template drop the thinking of the earlier assistant turns, which the rollout's cache still holds."""
+    if not observations or any(m.get("role") != "tool" for m in observations):
+        raise ValueError(f"an environment's reply must be one or more 'tool' messages, got {observations!r:.120}")
+    head = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+    before = render_chat(head)
+    full = render_chat(head + list(observations), thinking=thinking, add_generation_prompt=True)
+    assert full.startswith(before) and before.endswith(IM_END + "\n")
+    return tokenizer.encode("\n" + full[len(before):])
+
+
 _TOOL_CALL_RE = re.compile(
     re.escape(TOOL_CALL_OPEN) + r"\s*<function=([^>\n]+)>(.*?)</function>\s*" + re.escape(TOOL_CALL_CLOSE), re.S)
 _PARAMETER_RE = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)

@@ -7,9 +7,10 @@ Generates the shipped tiny tasks and the tiny tokenizer:
     data/tokenizer.json  byte-level BPE, 2048 tokens, trained on the rendered SFT conversations (with
                          --train-tokenizer; by default the shipped one is kept and the lengths checked)
 
-Six domains, one "domain" field per row (the schema of tasks/). Each is small enough for a few-million-parameter
-model to learn on a CPU in minutes (a 256-token context; 512 for tool, whose prompt carries the tool specs), and
-has a knob that keeps some of it out of reach after SFT, which is what RL is for:
+Eight domains, one "domain" field per row (the schema of tasks/). Each is small enough for a few-million-parameter
+model to learn on a CPU in minutes (a 256-token context; 512 for tool, whose prompt carries the tool specs, and for
+the multi-turn agent and swe, whose SFT rows are whole conversations), and has a knob that keeps some of it out of
+reach after SFT, which is what RL is for:
 
     math  arithmetic word problems; the answer in \\boxed{}; one or two steps on one-digit numbers (the times table)
     if    "write a sentence about X" under one or two IFEval constraints (case, ending phrase, keyword, word or
@@ -23,6 +24,13 @@ has a knob that keeps some of it out of reach after SFT, which is what RL is for
           city table, weekday, weather): call the right one with arguments from the question (a date rewritten as
           YYYY-MM-DD, a unit name as its symbol, two cities as two parallel calls), or answer in prose when no
           offered tool fits; some SFT rows go on with the tool's result and the final answer
+    agent a tiny warehouse behind tools that really run (tasks/agent.py: 5-7 items in 9 bins, prices 1-9, hidden):
+          what the item in bin B costs (bin_item, then price), sell the item in bin B (bin_item, then sell; graded
+          on the bins left), what N of an item cost (price, then calculate); two dependent calls, then the answer
+    swe   a tiny project (a module or two of 1-3 line functions, a test file whose tests print values) with one
+          bug: a wrong operator, constant, comparison, index or case method, or a constant in a config module;
+          the answer is a SEARCH/REPLACE patch, tested in the sandbox (tasks/swe.py); in some projects a second
+          function is wrong too, which the issue does not mention: the test report after the first patch shows it
 
 The SFT answers come from an imperfect teacher: in each RL domain one kind of prompt gets, in SLIP_RATE (70%) of
 its SFT rows, an answer with a habit the verifier rejects, marked "teacher_slip" (see SLIP_RATE below):
@@ -32,13 +40,17 @@ its SFT rows, an answer with a habit the verifier rejects, marked "teacher_slip"
     json  events and products: an "id" field the strict schema does not have
     code  "Read an integer n" / "Read two integers" problems: print("Answer:", ...) instead of the bare answer
     tool  calculate and convert questions: answered in prose instead of calling the tool
+    agent "what does the item in bin B cost": after bin_item, the price guessed instead of calling price
+    swe   the config-constant bug: the test file edited (to print the expected value) instead of the code
 
 This is what RL is for at this scale: the SFT model has the habit most of the time, its samples sometimes do it
 right, and the verifier's reward makes the right way the greedy one (README, "Tasks, data and verifiers").
 
 Splits are disjoint by prompt text. Every example's reference answer is checked with tasks.reward (code runs in
 the sandbox) before it is written: every shipped prompt is solvable, every SFT answer scores 1 except the
-teacher's slips, which are checked to score 0.
+teacher's slips, which are checked to score 0. The multi-turn domains' conversations are played through their
+environments (tasks.make_env): each tool result and test report in an SFT row is the environment's own reply to
+the turn before it, and the episode's reward is checked the same way (1, and 0 for a slip).
 
     python data/generate.py            # about a minute on 2 cores; deterministic for a given --seed
 """
@@ -61,6 +73,8 @@ DOMAIN_COUNTS = {
     "json": {"sft": 500, "rl": 400, "eval": 200},  # learnt fast: fewer SFT rows keep it below the ceiling
     "mcqa": {"sft": 2000, "rl": 400, "eval": 200},  # short rows
     "tool": {"sft": 700, "rl": 400, "eval": 200},  # examples 3-4 times longer (the tools in the prompt)
+    "agent": {"sft": 500, "rl": 400, "eval": 200},  # whole multi-turn conversations, played through the environment
+    "swe": {"sft": 400, "rl": 300, "eval": 200},  # every episode's tests run in the sandbox
 }
 
 
@@ -635,12 +649,204 @@ def make_tool(rng, city_table):
 
 
 # -----------------------------------------------------------------------------
+# agent: a tiny warehouse behind tools (tasks/agent.py); every question needs two dependent calls, and the
+# environment's real results are the tool messages of the SFT conversations (play_pool)
+
+AGENT_KINDS = ("price", "sell", "total")
+AGENT_SLIPPED = "price"  # the slip: after bin_item the teacher guesses the price instead of calling price
+
+
+def _call_turn(trace, name, **arguments):
+    return {"role": "assistant", "content": f"<think>\n{trace}\n</think>",
+            "tool_calls": [{"name": name, "arguments": arguments}]}
+
+
+def make_agent(rng):
+    """(example, None, assistant turns, slip): 5-7 of the ITEMS in 9 bins at prices 1-9 (hidden from the model);
+    "what does the item in bin B cost" (bin_item, then price), "sell the item in bin B" (bin_item, then sell: graded
+    on the bins left) or "N items, what do they cost" (price, then calculate). The turns are the assistant's only:
+    play_pool runs them through the environment, which writes the tool results between them."""
+    from tasks.agent import TOOLS as AGENT_TOOLS
+    kind = rng.choice(AGENT_KINDS)
+    items = rng.sample(ITEMS, rng.randint(5, 7))
+    bins = dict(sorted(zip(rng.sample(range(1, 10), len(items)), items)))
+    prices = {item: rng.randint(1, 9) for item in items}
+    name = rng.choice(NAMES)
+    state = {"bins": {str(b): item for b, item in bins.items()}, "prices": prices}
+    slip = None
+    if kind in ("price", "sell"):
+        b = rng.choice(sorted(bins))
+        item = bins[b]
+        first = _call_turn(f"Bin {b} first.", "bin_item", bin=b)
+    if kind == "price":
+        p = prices[item]
+        q = rng.choice([f"{name} asks: what does the item in bin {b} cost?",
+                        f"{name} asks: what is the price of the item in bin {b}?",
+                        f"{name} asks: how much is the item in bin {b}?"])
+        tools, goal = ["bin_item", "price"], {"answer": str(p)}
+        turns = [first, _call_turn(f"It is the {item}.", "price", item=item),
+                 answer_turn(f"The {item} costs {p}.", f"The {item} costs \\boxed{{{p}}}.")]
+        guess = rng.choice([x for x in range(1, 10) if x != p])
+        slip = {"why": "guessed the price instead of calling price",
+                "turns": [first, answer_turn(f"It is the {item}. The {item} costs about {guess}.",
+                                             f"The {item} costs \\boxed{{{guess}}}.")]}
+    elif kind == "sell":
+        q = rng.choice([f"{name} asks: sell the item in bin {b}.", f"{name} asks: please sell what is in bin {b}.",
+                        f"{name} wants the item in bin {b} sold."])
+        tools, goal = ["bin_item", "sell"], {"bins": {k: v for k, v in state["bins"].items() if k != str(b)}}
+        turns = [first, _call_turn(f"It is the {item}. Sell it.", "sell", item=item),
+                 answer_turn("Sold.", f"I sold the {item} from bin {b}.")]
+    else:
+        item, n = rng.choice(items), rng.randint(2, 9)
+        p = prices[item]
+        q = rng.choice([f"{name} buys {n} {item}s. What do they cost?", f"{name} asks: how much do {n} {item}s cost?"])
+        tools, goal = ["price", "calculate"], {"answer": str(n * p)}
+        turns = [_call_turn(f"The price of one {item} first.", "price", item=item),
+                 _call_turn(f"One costs {p}, so {n} * {p}.", "calculate", expression=f"{n} * {p}"),
+                 answer_turn(f"{n} {item}s cost {n * p}.", f"{n} {item}s cost \\boxed{{{n * p}}}.")]
+    example = {"domain": "agent", "messages": [{"role": "user", "content": q}],
+               "tools": [AGENT_TOOLS[t] for t in tools], "state": state, "goal": goal}
+    return example, None, turns, slip
+
+
+# -----------------------------------------------------------------------------
+# swe: a tiny project with one bug (or two), its tests print values; the answer is a SEARCH/REPLACE patch
+# (tasks/swe.py). Each family returns the files, the fixed files' test outputs, the issue, and the patches.
+
+SWE_OPS = {"+": ["add", "plus", "total"], "-": ["sub", "minus", "diff"], "*": ["mul", "times", "product"]}
+SWE_MODULES = ["calc", "ops", "nums", "mathx"]
+SWE_SLIPPED = "config"  # the slip: for the config bug the teacher edits the test instead of the code
+SWE_PROMPT_END = "Answer with SEARCH/REPLACE blocks. Do not edit the tests."
+
+
+def _apply_op(op, a, b):
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
+def _patch(path, old, new):
+    return f"<<<<<<< SEARCH {path}\n{old}\n=======\n{new}\n>>>>>>> REPLACE"
+
+
+def _test_file(module, calls):
+    """A test file printing each call's value: calls are (function, argument text); the tests are named
+    test_<function>_<i>."""
+    functions = sorted({f for f, _ in calls})
+    head = f"from {module} import {', '.join(functions)}\n"
+    tests, counts = [], {}
+    for f, args in calls:
+        counts[f] = counts.get(f, 0) + 1
+        tests.append((f"test_{f}_{counts[f]}", f"def test_{f}_{counts[f]}():\n    print({f}({args}))\n"))
+    return head + "".join("\n\n" + body for _, body in tests), [name for name, _ in tests]
+
+
+def _op_pair(rng, op, bug):
+    """One-digit a, b on which the right and the buggy operator disagree."""
+    while True:
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        if _apply_op(op, a, b) != _apply_op(bug, a, b):
+            return a, b
+
+
+def make_swe(rng):
+    """(example, None, assistant turns, slip). Families: a wrong operator, a wrong constant, > for >=, a wrong index,
+    upper for lower, a wrong constant in a config file (two modules; the slip: the teacher edits the test), and two
+    wrong operators of which the issue names one (the test report after the first patch shows the other)."""
+    family = rng.choice(["op", "const", "compare", "index", "case", "config", "config", "two"])
+    module = rng.choice(SWE_MODULES)
+    test_name = f"test_{module}.py"
+    slip = None
+    if family in ("op", "two"):
+        op, bug = rng.sample(sorted(SWE_OPS), 2)
+        f = rng.choice(SWE_OPS[op])
+        pairs = [_op_pair(rng, op, bug), (rng.randint(1, 9), rng.randint(1, 9))]
+        code = f"def {f}(a, b):\n    return a {bug} b\n"
+        calls, outputs = [(f, f"{a}, {b}") for a, b in pairs], [_apply_op(op, a, b) for a, b in pairs]
+        a, b = pairs[0]
+        issue = f"{f}({a}, {b}) should be {_apply_op(op, a, b)}, not {_apply_op(bug, a, b)}."
+        turns = [answer_turn(f"{f} uses {bug}; it should use {op}.", _patch(f"{module}.py", f"    return a {bug} b",
+                                                                         f"    return a {op} b"))]
+        if family == "two":  # a second function with a wrong operator, which the issue does not mention
+            op2, bug2 = rng.sample(sorted(SWE_OPS), 2)
+            f2 = rng.choice([g for g in SWE_OPS[op2] if g != f])
+            pairs2 = [_op_pair(rng, op2, bug2), _op_pair(rng, op2, bug2)]
+            code += f"\n\ndef {f2}(x, y):\n    return x {bug2} y\n"
+            calls += [(f2, f"{a2}, {b2}") for a2, b2 in pairs2]
+            outputs += [_apply_op(op2, a2, b2) for a2, b2 in pairs2]
+            a2, b2 = pairs2[0]
+            turns.append(answer_turn(f"{f2}({a2}, {b2}) gives {_apply_op(bug2, a2, b2)}, not "
+                                     f"{_apply_op(op2, a2, b2)}: it uses {bug2}, it should use {op2}.",
+                                     _patch(f"{module}.py", f"    return x {bug2} y", f"    return x {op2} y")))
+        files = {f"{module}.py": code}
+    elif family == "const":
+        op = rng.choice(["+", "*"])
+        f = rng.choice({"+": ["shift", "bump", "raise_by"], "*": ["scale", "grow", "boost"]}[op])
+        k, wrong = rng.sample(range(2, 10), 2)
+        xs = rng.sample(range(1, 10), 2)
+        files = {f"{module}.py": f"def {f}(n):\n    return n {op} {wrong}\n"}
+        verb = "add" if op == "+" else "multiply by"
+        calls, outputs = [(f, str(x)) for x in xs], [_apply_op(op, x, k) for x in xs]
+        issue = f"{f} should {verb} {k}, but {f}({xs[0]}) gives {_apply_op(op, xs[0], wrong)}."
+        turns = [answer_turn(f"{f} uses {wrong}; it should use {k}.",
+                             _patch(f"{module}.py", f"    return n {op} {wrong}", f"    return n {op} {k}"))]
+    elif family == "compare":
+        f = rng.choice(["at_least", "big_enough", "is_big"])
+        k = rng.randint(2, 8)
+        files = {f"{module}.py": f"def {f}(n):\n    return n > {k}\n"}
+        xs = [k, rng.choice([k - 1, k + 1])]
+        calls, outputs = [(f, str(x)) for x in xs], [x >= k for x in xs]
+        issue = f"{f}({k}) should be True."
+        turns = [answer_turn(f"{k} > {k} is False; {f} needs >=.",
+                             _patch(f"{module}.py", f"    return n > {k}", f"    return n >= {k}"))]
+    elif family == "index":
+        f, right, wrong = rng.choice([("first", 0, 1), ("last", -1, 0), ("second", 1, 0), ("first", 0, -1)])
+        lists = [rng.sample(range(1, 10), 3) for _ in range(2)]
+        files = {f"{module}.py": f"def {f}(xs):\n    return xs[{wrong}]\n"}
+        calls, outputs = [(f, str(xs)) for xs in lists], [xs[right] for xs in lists]
+        issue = f"{f}({lists[0]}) should be {lists[0][right]}, not {lists[0][wrong]}."
+        turns = [answer_turn(f"{f} reads xs[{wrong}]; it should read xs[{right}].",
+                             _patch(f"{module}.py", f"    return xs[{wrong}]", f"    return xs[{right}]"))]
+    elif family == "case":
+        f, right, wrong = rng.choice([("shout", "upper", "lower"), ("whisper", "lower", "upper"),
+                                      ("loud", "upper", "lower"), ("quiet", "lower", "upper")])
+        words = rng.sample(WORDS + DAYS, 2)
+        words = [w.capitalize() if i == 0 else w for i, w in enumerate(words)]
+        files = {f"{module}.py": f"def {f}(s):\n    return s.{wrong}()\n"}
+        calls, outputs = [(f, repr(w)) for w in words], [getattr(w, right)() for w in words]
+        issue = f"{f}({words[0]!r}) should be {getattr(words[0], right)()!r}."
+        turns = [answer_turn(f"{f} calls {wrong}; it should call {right}.",
+                             _patch(f"{module}.py", f"    return s.{wrong}()", f"    return s.{right}()"))]
+    else:  # config: the constant lives in another module
+        const, f = rng.choice([("RATE", "cost"), ("FEE", "charge"), ("PRICE", "total_for"), ("SIZE", "space")])
+        config = rng.choice(["config", "settings"])
+        k, wrong = rng.sample(range(2, 10), 2)
+        xs = rng.sample(range(2, 10), 2)
+        files = {f"{config}.py": f"{const} = {wrong}\n",
+                 f"{module}.py": f"from {config} import {const}\n\n\ndef {f}(n):\n    return n * {const}\n"}
+        calls, outputs = [(f, str(x)) for x in xs], [x * k for x in xs]
+        issue = f"{f}({xs[0]}) should be {xs[0] * k}: {const} is {k}, not {wrong}."
+        turns = [answer_turn(f"{f} uses {const} from {config}.py, which is {wrong}; it should be {k}.",
+                             _patch(f"{config}.py", f"{const} = {wrong}", f"{const} = {k}"))]
+    test_text, names = _test_file(module, calls)
+    files[test_name] = test_text
+    if family == "config":
+        slip = {"why": "edited the test instead of the code", "turns": [answer_turn(
+            f"The test prints {f}({xs[0]}); make it print {xs[0] * k}.",
+            _patch(test_name, f"    print({f}({xs[0]}))", f"    print({xs[0] * k})"))]}
+    tests = [{"file": test_name, "name": n, "output": f"{o}\n"} for n, o in zip(names, outputs)]
+    shown = "\n\n".join(f"File {path}:\n{text.rstrip()}" for path, text in files.items())
+    example = {"domain": "swe", "messages": [{"role": "user", "content": f"Fix the bug: {issue}\n\n{shown}\n\n"
+                                                                          f"{SWE_PROMPT_END}"}],
+               "files": files, "tests": tests}
+    return example, None, turns, slip
+
+
+# -----------------------------------------------------------------------------
 # Putting it together
 
 def generate(seed: int):
     city_table = build_city_table(seed)
-    makers = {"math": make_math, "if": make_if, "mcqa": make_mcqa,
-              "json": make_json, "code": make_code, "tool": lambda r: make_tool(r, city_table)}
+    makers = {"math": make_math, "if": make_if, "mcqa": make_mcqa, "json": make_json, "code": make_code,
+              "tool": lambda r: make_tool(r, city_table), "agent": make_agent, "swe": make_swe}
     splits = {name: [] for name in COUNTS}
     for domain, make in makers.items():
         counts = split_counts(domain)
@@ -656,6 +862,9 @@ def generate(seed: int):
             if prompt in seen:
                 continue
             seen.add(prompt)
+            if domain in tasks.ENVIRONMENTS:  # multi-turn: the assistant's turns, played through the environment below
+                pool.append((example, answer, slip))
+                continue
             # what SFT appends: the answer turn (tool: the call, and maybe the tool's result and the final answer)
             turns = answer if domain == "tool" else [answer_turn(trace, answer)]
             # a reference answer that fails its own verifier (e.g. langdetect calls a short all-caps sentence
@@ -671,6 +880,8 @@ def generate(seed: int):
             pool.append((example, turns, slip))
         if domain == "code":
             verify_code([(e, t) for e, t, _ in pool])
+        if domain in tasks.ENVIRONMENTS:
+            pool = play_pool(domain, pool)
         print(f"{domain}: {len(pool)} examples, every reference answer scores 1"
               + (f" ({rejected} generated examples dropped because theirs did not)" if rejected else ""))
         # the splits are drawn from the shuffled pool: a kind of prompt with few distinct texts (calculate on
@@ -711,6 +922,58 @@ def graded_turns(example, turns):
         prompt = render_chat(messages[:-1], tools=example.get("tools"), add_generation_prompt=True)
         assert full.startswith(prompt)
         out.append((graded, full[len(prompt):].removesuffix("<|im_end|>\n")))
+    return out
+
+
+def turn_text(messages, tools=None) -> str:
+    """What the sampler decodes for the last message of `messages` (an assistant turn): the template's opener
+    "<think>\\n" and the rendered turn after it, calls included, without the stop token (what Environment.step gets)."""
+    from tokenizer import render_chat
+    full = render_chat(messages, tools=tools)
+    prompt = render_chat(messages[:-1], tools=tools, add_generation_prompt=True)
+    assert full.startswith(prompt) and prompt.endswith("<think>\n")
+    return "<think>\n" + full[len(prompt):].removesuffix("<|im_end|>\n")
+
+
+def play(example, turns):
+    """Play the assistant `turns` through the example's environment: (the conversation, the turns with the
+    environment's observations between them, and the episode's reward). Every turn but the last must leave the
+    episode going, and the last must end it."""
+    env = tasks.make_env(example)
+    messages, conversation = env.reset(), []
+    for i, turn in enumerate(turns):
+        conversation.append(turn)
+        observations, done, reward = env.step(turn_text(messages + conversation, example.get("tools")))
+        if done != (i == len(turns) - 1):
+            raise AssertionError(f"{example['domain']}: the episode {'ended' if done else 'goes on'} after turn "
+                                 f"{i + 1} of {len(turns)}: {example['messages'][0]['content']!r:.80} "
+                                 f"{getattr(env, 'outcome', '')}")
+        conversation += observations
+    return conversation, reward
+
+
+def play_pool(domain, pool):
+    """Every reference conversation must earn reward 1 and every slip 0 (a slip that earns more is dropped, as in
+    the single-turn domains); episodes are played in parallel (swe runs each patch's tests in the sandbox). Returns
+    the pool with the whole conversations (tool observations included) in place of the assistant turns."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = [(e, t) for e, t, _ in pool] + [(e, s["turns"]) for e, _, s in pool if s is not None]
+    with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as threads:
+        played = list(threads.map(lambda job: play(*job), jobs))
+    references, slips = iter(played[:len(pool)]), iter(played[len(pool):])
+    out, dropped = [], 0
+    for example, _, slip in pool:
+        conversation, reward = next(references)
+        if reward != 1.0:
+            raise AssertionError(f"{domain}: a reference conversation earns {reward}: {example} {conversation}")
+        if slip is not None:
+            slip_conversation, slip_reward = next(slips)
+            slip = None if slip_reward != 0.0 else dict(slip, turns=slip_conversation)
+            dropped += slip is None
+        out.append((example, conversation, slip))
+    if dropped:
+        print(f"{domain}: {dropped} slips dropped because they earned a reward")
     return out
 
 
@@ -758,8 +1021,12 @@ def check_lengths(splits, out: Path, train=False):
                              for e in rows if e["domain"] == domain)
             print(f"{name} {domain}: tokens per example: median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
             # SFT packs 512-token rows and cuts longer examples; a tool prompt carries the tool specs and the
-            # template's reminder (about 300 tokens), the others must leave room for an answer in 256
+            # template's reminder (about 300 tokens), the others must leave room for an answer in 256. A
+            # multi-turn SFT row is a whole conversation (< 512); its RL / eval prompt must leave room in a
+            # 768-token episode for each of its turns (about 60 tokens) and the observation after it (about 15)
             limit = 512 if domain == "tool" else 256
+            if domain in tasks.ENVIRONMENTS:
+                limit = 512 if name == "sft" else 768 - tasks.ENVIRONMENTS[domain].max_turns * 75
             assert lengths[-1] < limit, f"{name} {domain}: an example has {lengths[-1]} tokens, over {limit}"
 
 

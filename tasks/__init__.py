@@ -28,17 +28,25 @@ Only the standard library is imported at the top of every file: `datasets`, `jso
 and the sandbox start fast).
 """
 
-from . import code, ifeval, json, math, mcqa, tools
+from . import agent, code, ifeval, json, math, mcqa, swe, tools
+from .agent import AgentEnvironment
 from .code import code_reward, extract_code, normalise_output
 from .core import (DATA_DIR, ROLES, ExampleError, example_from_row, final_answer, format_score_table,
-                   load_examples, prompt_messages, reward, score_responses)
+                   load_examples, prompt_messages, reward, score_responses, summarise_rewards)
+from .env import Environment, make_env
 from .ifeval import INSTRUCTIONS, check_instruction, if_reward
 from .json import json_reward, strict_schema
 from .math import last_boxed, math_reward
 from .mcqa import mcqa_letter, mcqa_reward
 from .sandbox import RunResult, SandboxLimits, run_program, run_programs
+from .swe import SweEnvironment
 from .tools import tool_reward
 
 # domain name -> the module that checks and grades it. Add a domain: write tasks/mine.py, register it here.
-VERIFIERS = {"math": math, "if": ifeval, "mcqa": mcqa, "json": json, "code": code, "tool": tools}
-GRADED_DOMAINS = tuple(VERIFIERS)
+VERIFIERS = {"math": math, "if": ifeval, "mcqa": mcqa, "json": json, "code": code, "tool": tools,
+             "agent": agent, "swe": swe}
+# the multi-turn domains: domain name -> its Environment (tasks/env.py), which grades a whole episode; their
+# modules in VERIFIERS check the rows, and their reward() raises (one answer cannot be graded)
+ENVIRONMENTS = {"agent": AgentEnvironment, "swe": SweEnvironment}
+ENV_DOMAINS = tuple(ENVIRONMENTS)
+GRADED_DOMAINS = tuple(VERIFIERS)   # every domain with a score: reward(example, response), or its environment

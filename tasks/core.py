@@ -174,6 +174,9 @@ def _from_nemo_gym(row: dict, where: str):
     params = row["responses_create_params"]
     if isinstance(params, str):
         params = json.loads(params)
+    swe = _swe_row(row, params)
+    if swe is not None:  # before the prompt check: a SWE row's input may be empty (the agent harness writes it)
+        return swe
     if not isinstance(params, dict) or not isinstance(params.get("input"), (list, str)):
         raise ExampleError(where, "responses_create_params.input", "missing: the prompt messages")
     messages = params["input"]
@@ -218,6 +221,27 @@ def _from_nemo_gym(row: dict, where: str):
     else:
         return f"no verifier for agent '{agent}'"
     return _check_example(example, where)
+
+
+def _swe_row(row: dict, params):
+    """The skip reason of a SWE-RL row (Nemotron-Cascade-2-RL-data's SWE-RL config), None for any other row.
+
+    These rows are made for NeMo-Gym's swe_agents harness (SWE-Gym / R2E-Gym instances): the instance sits in
+    responses_create_params.metadata (instance_id, base_commit, dataset_name, split, problem_statement and an
+    "instance_dict", a JSON string with repo, patch, test_patch, FAIL_TO_PASS, PASS_TO_PASS, ...), and the
+    harness runs an agent in the instance's container image, then the repository's own tests. The tiny "swe"
+    environment (tasks/swe.py) holds its projects in the row; a real row only names a repository and a commit,
+    so it is skipped (one reason for all of them, so that load_examples' summary counts them as one kind)."""
+    metadata = params.get("metadata") if isinstance(params, dict) else None
+    holders = [row, metadata, row.get("verifier_metadata"), row.get("metadata")]
+    holders = [json.loads(h) if isinstance(h, str) and h.lstrip().startswith("{") else h for h in holders]
+    holders = [h for h in holders if isinstance(h, dict)]
+    has = lambda key: any(isinstance(h.get(key), str) and h[key].strip() for h in holders)
+    agent_ref = row.get("agent_ref") if isinstance(row.get("agent_ref"), dict) else {}
+    agent = str(agent_ref.get("name") or "")
+    if not has("instance_id") or not ("swe" in agent.lower() or has("base_commit") or has("problem_statement")):
+        return None
+    return "SWE-RL row (needs its repository at base_commit and the repository's test environment)"
 
 
 def _responses_messages(items) -> list[dict]:
@@ -416,7 +440,12 @@ def score_responses(examples, responses_per_example, *, workers=None, **reward_o
     rewards = [[] for _ in examples]
     for (i, _), r in zip(jobs, flat):
         rewards[i].append(r)
+    return summarise_rewards(examples, rewards)
 
+
+def summarise_rewards(examples, rewards) -> dict:
+    """score_responses' summary of rewards[i], the K rewards of examples[i] (also what the multi-turn domains'
+    episodes are summarised with: sample.evaluate)."""
     def summary(indices):
         graded = [rewards[i] for i in indices if rewards[i]]
         if not graded:
@@ -429,7 +458,7 @@ def score_responses(examples, responses_per_example, *, workers=None, **reward_o
     by_domain = collections.defaultdict(list)
     for i, example in enumerate(examples):
         by_domain[example["domain"]].append(i)
-    return {"k": max(map(len, responses), default=0),
+    return {"k": max(map(len, rewards), default=0),
             "domains": {d: summary(idx) for d, idx in sorted(by_domain.items())},
             "all": summary(range(len(examples))),
             "rewards": rewards}

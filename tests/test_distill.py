@@ -12,7 +12,8 @@ import common
 import distill
 import sample
 from model import Model
-from tests.test_rl import D1, one_thread, random_model, run_torchrun, toy_export  # noqa: F401 (one_thread: autouse)
+from tests.test_rl import (AGENT_ROW, D1, one_thread, random_model, run_torchrun,  # noqa: F401 (one_thread: autouse)
+                           toy_export)
 from tests.test_sft import run_killing_group
 from tokenizer import train_bpe
 
@@ -188,3 +189,46 @@ def test_two_processes_distill(cascade_dir):
     row = json.loads((root / "cascade.json").read_text())["rows"][-1]
     assert row["name"] == "mopd" and row["teachers"] == {"if": "sft", "mcqa": "a"}
     assert len(common.read_metrics(root / "two" / "metrics.jsonl")) >= 2
+
+
+# -- a multi-turn domain: the student plays episodes, the teacher scores only the student's tokens --------------
+
+@pytest.fixture
+def agent_cascade_dir(tmp_path):
+    """The toy checkpoints, now also writing <tool_call> (id 7): an agent turn with that unparsable markup gets an
+    error observation and the episode goes on, so the student's rollouts are episodes of several turns."""
+    sft = toy_export(tmp_path / "sft", {294: 1.0, 24: 0.0, 4: 0.0, 7: 0.5})
+    a = toy_export(tmp_path / "a", {294: 0.0, 1181: 1.0, 24: 0.5, 4: 0.0, 7: 1.0}, seed=1)
+    rows = [dict(name="sft", checkpoint=str(sft), trained=[], scores={"if": 0.5, "agent": 0.1}),
+            dict(name="a", checkpoint=str(a), trained=["agent"], scores={"if": 0.4, "agent": 0.3})]
+    evaluation = dict(data=str(tmp_path / "eval.jsonl"), per_domain=1, max_new_tokens=6, max_episode_tokens=40,
+                      thinking=False)
+    (tmp_path / "cascade.json").write_text(json.dumps(dict(domains=["agent", "if"], evaluation=evaluation,
+                                                           rows=rows)))
+    (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [IF_ROW] * 3 + [AGENT_ROW] * 3))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [IF_ROW, AGENT_ROW]))
+    return tmp_path
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_episodes_are_distilled_and_resume_after_a_kill(agent_cascade_dir, nproc):
+    root = agent_cascade_dir
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    script = os.path.join(ROOT, "distill.py")
+    run = (lambda args: run_killing_group([sys.executable, script] + args, env=env)) if nproc == 1 else \
+        (lambda args: run_torchrun([script] + args, env))
+    opts = dict(max_new_tokens=4, max_episode_tokens=40)
+    (root / "c1.json").write_text((root / "cascade.json").read_text())
+    whole = run(mopd_args(root, "whole", cascade=root / "c1.json", **opts))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "teacher for agent = a (score 0.300)" in whole.stdout
+    killed = run(mopd_args(root, "resumed", inject_kill_at_step=2, **opts))
+    assert killed.returncode != 0
+    resumed = run(mopd_args(root, "resumed", **opts))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = lambda out: [(r["step"], r["loss"], r.get("reverse_kl_agent"), r["response_len"])
+                       for r in common.read_metrics(root / out / "metrics.jsonl") if "loss" in r]
+    assert log("resumed") == log("whole") and len(log("whole")) == 3
+    assert any(kl is not None for _, _, kl, _ in log("whole"))            # agent episodes were distilled
+    row = json.loads((root / "cascade.json").read_text())["rows"][-1]
+    assert row["name"] == "mopd" and set(row["scores"]) == {"if", "agent"}

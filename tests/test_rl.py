@@ -305,7 +305,7 @@ def test_cascade_json_rows_and_skip_on_rerun(toy_run_dir, capsys, monkeypatch):
         ["stage 'a' domain 'if'", "stage 'b' domain 'if'", "stage 'b' domain 'mcqa'"]
     assert [r["name"] for r in cascade["rows"]] == ["sft", "a", "b"]
     assert cascade["evaluation"] == dict(data=str(root / "eval.jsonl"), per_domain=1, max_new_tokens=8,
-                                         thinking=True, greedy=True)
+                                         max_episode_tokens=1024, thinking=True, greedy=True)
     assert cascade["domains"] == ["if", "mcqa"]
     assert [r["trained"] for r in cascade["rows"]] == [[], ["if"], ["if", "mcqa"]]
     for row in cascade["rows"][1:]:
@@ -435,3 +435,55 @@ def test_two_processes_run_a_stage(toy_run_dir):
     assert [r["name"] for r in rows] == ["sft", "a", "b"]
     assert all(set(r["scores"]) == {"if", "mcqa"} for r in rows)      # every domain, gathered from both
     Model.from_pretrained(rows[-1]["checkpoint"])
+
+
+# -- a stage with a multi-turn domain: episodes in the rollouts, kill/resume on 1 and 2 processes ----------------
+
+AGENT_ROW = {"domain": "agent", "messages": [{"role": "user", "content": "What does the item in bin 3 cost?"}],
+             "tools": [{"type": "function", "function": {"name": "price", "parameters": {
+                 "type": "object", "properties": {"item": {"type": "string"}}, "required": ["item"]}}}],
+             "state": {"bins": {"3": "pear"}, "prices": {"pear": 4}}, "goal": {"answer": "4"}, "max_turns": 3}
+AGENT_STAGE = dict(name="agentic", domains=["if", "agent"], weights=[1, 1], steps=3, prompts_per_step=2, rollouts=4,
+                   lr=1e-2, max_new_tokens=6, max_episode_tokens=60, thinking=False, max_fill_rounds=1)
+
+
+@pytest.fixture(scope="module")
+def agent_run_dir(tmp_path_factory):
+    """The toy export, now also writing <tool_call> (id 7): a turn with that unparsable markup gets an error
+    observation and the episode goes on, so episodes run several turns (none scores: the IF prompts give the
+    groups with signal, the agent ones go through the episode path all the same)."""
+    root = tmp_path_factory.mktemp("rl_agent")
+    toy_export(root / "init", {294: 0.0, 1181: 0.0, 24: 0.0, 4: 0.0, 7: 0.5})
+    (root / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [IF_ROW] * 4 + [AGENT_ROW] * 4))
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [IF_ROW, AGENT_ROW]))
+    (root / "preset.json").write_text(json.dumps(dict(eval_per_domain=1, eval_max_new_tokens=6,
+                                                      eval_max_episode_tokens=60, save_every=1,
+                                                      stages=[AGENT_STAGE])))
+    return root
+
+
+def episode_log(out_dir):
+    return [(r["step"], r["loss"], r["reward"], r.get("reward_agent"), r["response_len"], r["response_len_max"],
+             r.get("episodes_done_frac"), r.get("episodes_over_tokens_frac"))
+            for r in common.read_metrics(os.path.join(out_dir, "agentic", "metrics.jsonl")) if "loss" in r]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_multi_turn_stage_resumes_after_a_kill_with_identical_rewards(agent_run_dir, nproc):
+    root = agent_run_dir
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    run = (lambda args: run_killing_group([sys.executable, os.path.join(ROOT, "rl.py")] + args, env=env)) \
+        if nproc == 1 else (lambda args: run_torchrun([os.path.join(ROOT, "rl.py")] + args, env))
+    whole = run(rl_args(root, f"whole{nproc}"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = run(rl_args(root, f"resumed{nproc}", inject_kill_at_step=2))
+    assert killed.returncode != 0 and not os.path.exists(root / f"resumed{nproc}" / "agentic" / "export")
+    resumed = run(rl_args(root, f"resumed{nproc}"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = episode_log(root / f"whole{nproc}")
+    assert episode_log(root / f"resumed{nproc}") == log and len(log) == 3
+    assert any(done is not None for *_, done, _ in log)                    # agent prompts were played
+    # policy tokens past one turn's budget: an episode went on after an error observation
+    assert max(longest for *_, longest, _, _ in log) > AGENT_STAGE["max_new_tokens"]
+    rows = json.loads((root / f"resumed{nproc}" / "cascade.json").read_text())["rows"]
+    assert set(rows[-1]["scores"]) == {"if", "agent"}
