@@ -73,7 +73,7 @@ def main():
     print(f"{'domains':>16} {'mean len':>8} {'tokens':>7} {'padded':>7} {'packed rows':>12} {'padded s':>9} "
           f"{'packed s':>9} {'ratio':>6} {'grad max diff':>14}")
     for domains in (["if"], ["mcqa", "tool", "json"], ["code"]):
-        _, ids = common.prompt_pools(examples, domains, tokenizer, True, args.new_tokens,
+        _, ids = sample.prompt_pools(examples, domains, tokenizer, True, args.new_tokens,
                                          model.config.max_position_embeddings, "data/rl.jsonl")
         prompt_ids = [p.tolist() for k in range(len(domains)) for p in ids[k][:args.prompts // len(domains) + 1]]
         prompt_ids = prompt_ids[:args.prompts]
