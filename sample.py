@@ -3,8 +3,11 @@ The in-process sampler: batched generation with the model's KV + SSM caches, gro
 CLI to chat with, prompt or evaluate a checkpoint.
 
     generate(model, prompts, max_new_tokens, ...)   token ids in, list[Completion] out (what RL and MOPD call)
+    generate_episodes(model, prompts, ..., respond) multi-turn: turns and environment replies in carried caches
+    run_episodes / sample_groups                    episodes against tasks' environments; a step's rollouts
     with sampling_weights(model): ...               FSDP2: gather the shards once for a whole rollout phase
     evaluate(model, tokenizer, examples, ...)       chat-template prompts -> responses -> per-domain scores
+    prompt_pools / evaluate_domains                 the stages' prompt check and held-out scores (any process count)
 
 How one generate() call runs:
 1. Prefill: the ragged prompts are LEFT-padded into one cache, so that every row's next token is at the same
