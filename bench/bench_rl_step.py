@@ -4,7 +4,7 @@ default, packed vs right-padded, side by side in the same run.
 
     packed   what rl.py and distill.py do: rollouts packed into rows of at most --budget tokens (first-fit by
              decreasing length, doc_ids keep the rollouts apart), one row per forward/backward
-    padded   the layout before: micro-batches of --micro_batch rollouts, each right-padded to its longest row
+    padded   the baseline: micro-batches of --micro_batch rollouts, each right-padded to its longest row
 
 The model is configs/tiny_model.json (random weights, fixed seed); the prompts are the first --prompts of each
 domain set in data/rl.jsonl, x --rollouts completions sampled from that model. A random model's tokens are near
