@@ -934,27 +934,6 @@ def start_or_resume(model, out_dir, d: Dist, name, lr, betas, weight_decay, keep
     return optimizer, ckpt, log, start_step
 
 
-def prompt_pools(examples, domains, tokenizer, thinking, max_new_tokens, context, source):
-    """
-    Per domain, its examples and their chat-template prompt ids (generation prompt, thinking or not). Named errors
-    for a domain with no prompts in `source` and for a prompt that does not fit the model's context with the
-    generation budget. The ids are int32 arrays (4 bytes a token, where a list holds a 36-byte Python int per
-    token): take .tolist() of the ones drawn.
-    """
-    import sample
-    pools, prompt_ids = [], []
-    for dom in domains:
-        pool = [ex for ex in examples if ex["domain"] == dom]
-        if not pool:
-            raise ConfigError(f"{source} has no prompts of domain {dom!r}")
-        prompt_ids.append([np.asarray(ids, dtype=np.int32) for ids in
-                           sample.encode_prompts(tokenizer, pool, thinking, context, max_new_tokens,
-                                                 source=f"{source}, domain {dom!r}",
-                                                 hint="shorten it or lower max_new_tokens")])
-        pools.append(pool)
-    return pools, prompt_ids
-
-
 def draw_prompts(pools, weights, count, *keys):
     """`count` (domain index, example index) draws: a domain by weight, then one of its prompts uniformly. Seeded
     by keys (seed, stage, step, round), so every process draws the same list and a resumed run redraws it."""
@@ -966,33 +945,6 @@ def draw_prompts(pools, weights, count, *keys):
 def rollout_seed(*keys):
     """A sampler seed from (seed, stage, step, rank, round): a resumed run samples exactly what it would have."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
-
-
-def evaluate_domains(model, tokenizer, examples, d: Dist, max_new_tokens, thinking=True, batch_size=64,
-                     max_episode_tokens=1024):
-    """
-    Greedy pass@1 per domain ({domain: fraction}) of the model on held-out examples (a multi-turn domain's: one
-    greedy episode, max_new_tokens per turn, max_episode_tokens in all). Every process generates
-    and grades its share (examples[rank::world]); the per-example rewards are gathered. Works on the sharded
-    model that trains: the weights are gathered once for the whole evaluation.
-    """
-    import collections
-
-    import sample
-    mine = examples[d.rank::d.world_size]
-    with sample.sampling_weights(model):
-        result = sample.evaluate(model, tokenizer, mine, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
-                                 thinking=thinking, batch_size=batch_size, seed=0,
-                                 max_episode_tokens=max_episode_tokens)
-    pairs = [(ex["domain"], rs[0]) for ex, rs in zip(mine, result["rewards"])]
-    if d.world_size > 1:
-        gathered = [None] * d.world_size
-        dist.all_gather_object(gathered, pairs)
-        pairs = [p for part in gathered for p in part]
-    by_domain = collections.defaultdict(list)
-    for domain, r in pairs:
-        by_domain[domain].append(r)
-    return {domain: sum(rs) / len(rs) for domain, rs in sorted(by_domain.items())}
 
 
 def read_cascade(path):

@@ -208,7 +208,7 @@ def main(cfg: MOPDConfig):
     common.claim_out_dir(cfg.out_dir, "mopd", student_config)   # one run at a time
     model = common.load_policy(student_dir, d, cfg.bf16, cfg.activation_checkpointing)
     budget = max(cfg.max_new_tokens, cfg.max_episode_tokens if set(domains) & set(tasks.ENVIRONMENTS) else 0)
-    pools, prompt_ids = common.prompt_pools(train_examples, domains, tokenizer, cfg.thinking, budget,
+    pools, prompt_ids = sample.prompt_pools(train_examples, domains, tokenizer, cfg.thinking, budget,
                                             model.config.max_position_embeddings, f"--train_data {cfg.train_data}")
     optimizer, ckpt, log, start_step = common.start_or_resume(
         model, cfg.out_dir, d, "mopd", cfg.lr, cfg.betas, cfg.weight_decay, cfg.keep_last, cfg.wandb_project,
@@ -262,7 +262,7 @@ def main(cfg: MOPDConfig):
                        peak_mem_mb=common.peak_memory_mb(d.device))
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            metrics.update({f"eval_{dom}": s for dom, s in common.evaluate_domains(
+            metrics.update({f"eval_{dom}": s for dom, s in sample.evaluate_domains(
                 model, tokenizer, eval_examples, d, ev["max_new_tokens"], ev["thinking"],
                 cfg.eval_batch_size, ev.get("max_episode_tokens", 1024)).items()})
         log.log(done, **metrics)
@@ -275,7 +275,7 @@ def main(cfg: MOPDConfig):
     export_dir = os.path.join(cfg.out_dir, "export")
     common.export_hf(model, tokenizer, export_dir, d,
                      dtype=getattr(torch, cfg.export_dtype) if cfg.export_dtype else None)
-    scores = common.evaluate_domains(model, tokenizer, eval_examples, d, ev["max_new_tokens"], ev["thinking"],
+    scores = sample.evaluate_domains(model, tokenizer, eval_examples, d, ev["max_new_tokens"], ev["thinking"],
                                      cfg.eval_batch_size, ev.get("max_episode_tokens", 1024))
     log.log(cfg.steps, **{f"eval_{dom}": s for dom, s in scores.items()})
     common.write_cascade_row(cfg.cascade, dict(name="mopd", checkpoint=os.path.abspath(export_dir),

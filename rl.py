@@ -371,7 +371,7 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_p
 
     def evaluate():
         t0 = time.perf_counter()
-        scores = common.evaluate_domains(model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens,
+        scores = sample.evaluate_domains(model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens,
                                          cfg.eval_thinking, cfg.eval_batch_size, cfg.eval_max_episode_tokens)
         return scores, time.perf_counter() - t0
 
@@ -508,7 +508,7 @@ def main(cfg: RLConfig, stages: list, source="preset"):
             data = stage.prompt_data or cfg.train_data
             if data not in loaded:
                 loaded[data] = tasks.load_examples(data, verbose=d.is_main)
-            stage_prompts[stage.name] = common.prompt_pools(loaded[data], stage.domains, tokenizer, stage.thinking,
+            stage_prompts[stage.name] = sample.prompt_pools(loaded[data], stage.domains, tokenizer, stage.thinking,
                                                             stage_budget(stage), context, train_source(cfg, stage))
     evaluation = dict(data=cfg.eval_data, per_domain=cfg.eval_per_domain, max_new_tokens=cfg.eval_max_new_tokens,
                       max_episode_tokens=cfg.eval_max_episode_tokens, thinking=cfg.eval_thinking, greedy=True)
@@ -518,7 +518,7 @@ def main(cfg: RLConfig, stages: list, source="preset"):
     if common.cascade_row(common.read_cascade(cascade_path), cfg.init_name) is None:
         model = common.load_policy(cfg.init, d, cfg.bf16)
         t0 = time.perf_counter()
-        scores = common.evaluate_domains(model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens,
+        scores = sample.evaluate_domains(model, tokenizer, eval_examples, d, cfg.eval_max_new_tokens,
                                          cfg.eval_thinking, cfg.eval_batch_size, cfg.eval_max_episode_tokens)
         del model
         common.write_cascade_row(cascade_path, dict(name=cfg.init_name, checkpoint=os.path.abspath(cfg.init),

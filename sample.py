@@ -3,8 +3,11 @@ The in-process sampler: batched generation with the model's KV + SSM caches, gro
 CLI to chat with, prompt or evaluate a checkpoint.
 
     generate(model, prompts, max_new_tokens, ...)   token ids in, list[Completion] out (what RL and MOPD call)
+    generate_episodes(model, prompts, ..., respond) multi-turn: turns and environment replies in carried caches
+    run_episodes / sample_groups                    episodes against tasks' environments; a step's rollouts
     with sampling_weights(model): ...               FSDP2: gather the shards once for a whole rollout phase
     evaluate(model, tokenizer, examples, ...)       chat-template prompts -> responses -> per-domain scores
+    prompt_pools / evaluate_domains                 the stages' prompt check and held-out scores (any process count)
 
 How one generate() call runs:
 1. Prefill: the ragged prompts are LEFT-padded into one cache, so that every row's next token is at the same
@@ -41,6 +44,7 @@ CLI (the checkpoint directory holds an HF export: config.json, safetensors, toke
     python sample.py --ckpt DIR --eval data/eval.jsonl --n 4 --out scores.json   # per-domain pass@1 / avg@K
 """
 import argparse
+import collections
 import contextlib
 import itertools
 import os
@@ -50,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -726,8 +731,6 @@ def sample_groups(model: Model, tokenizer, examples: list[dict], prompts: list[l
     and None where a verifier is still to grade the completion (single-turn); outcomes counts how episodes
     ended (run_episodes' outcomes).
     """
-    import collections
-
     import tasks
     single = [j for j, ex in enumerate(examples) if ex["domain"] not in tasks.ENVIRONMENTS]
     multi = [j for j, ex in enumerate(examples) if ex["domain"] in tasks.ENVIRONMENTS]
@@ -846,6 +849,49 @@ def evaluate(model: Model, tokenizer, examples: list[dict], n: int = 1, max_new_
     if return_responses:
         result["responses"] = responses
     return result
+
+
+def prompt_pools(examples, domains, tokenizer, thinking, max_new_tokens, context, source):
+    """
+    Per domain, its examples and their chat-template prompt ids (generation prompt, thinking or not). Named errors
+    for a domain with no prompts in `source` and for a prompt that does not fit the model's context with the
+    generation budget. The ids are int32 arrays (4 bytes a token, where a list holds a 36-byte Python int per
+    token): take .tolist() of the ones drawn.
+    """
+    pools, prompt_ids = [], []
+    for dom in domains:
+        pool = [ex for ex in examples if ex["domain"] == dom]
+        if not pool:
+            raise common.ConfigError(f"{source} has no prompts of domain {dom!r}")
+        prompt_ids.append([np.asarray(ids, dtype=np.int32) for ids in
+                           encode_prompts(tokenizer, pool, thinking, context, max_new_tokens,
+                                                 source=f"{source}, domain {dom!r}",
+                                                 hint="shorten it or lower max_new_tokens")])
+        pools.append(pool)
+    return pools, prompt_ids
+
+
+def evaluate_domains(model, tokenizer, examples, d: common.Dist, max_new_tokens, thinking=True, batch_size=64,
+                     max_episode_tokens=1024):
+    """
+    Greedy pass@1 per domain ({domain: fraction}) of the model on held-out examples (a multi-turn domain's: one
+    greedy episode, max_new_tokens per turn, max_episode_tokens in all). Every process generates
+    and grades its share (examples[rank::world]); the per-example rewards are gathered. Works on the sharded
+    model that trains: the weights are gathered once for the whole evaluation.
+    """
+    mine = examples[d.rank::d.world_size]
+    with sampling_weights(model):
+        result = evaluate(model, tokenizer, mine, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                          thinking=thinking, batch_size=batch_size, seed=0, max_episode_tokens=max_episode_tokens)
+    pairs = [(ex["domain"], rs[0]) for ex, rs in zip(mine, result["rewards"])]
+    if d.world_size > 1:
+        gathered = [None] * d.world_size
+        torch.distributed.all_gather_object(gathered, pairs)
+        pairs = [p for part in gathered for p in part]
+    by_domain = collections.defaultdict(list)
+    for domain, r in pairs:
+        by_domain[domain].append(r)
+    return {domain: sum(rs) / len(rs) for domain, rs in sorted(by_domain.items())}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ default, packed vs right-padded, side by side in the same run.
 
     packed   what rl.py and distill.py do: rollouts packed into rows of at most --budget tokens (first-fit by
              decreasing length, doc_ids keep the rollouts apart), one row per forward/backward
-    padded   the layout before: micro-batches of --micro_batch rollouts, each right-padded to its longest row
+    padded   the baseline: micro-batches of --micro_batch rollouts, each right-padded to its longest row
 
 The model is configs/tiny_model.json (random weights, fixed seed); the prompts are the first --prompts of each
 domain set in data/rl.jsonl, x --rollouts completions sampled from that model. A random model's tokens are near
@@ -73,7 +73,7 @@ def main():
     print(f"{'domains':>16} {'mean len':>8} {'tokens':>7} {'padded':>7} {'packed rows':>12} {'padded s':>9} "
           f"{'packed s':>9} {'ratio':>6} {'grad max diff':>14}")
     for domains in (["if"], ["mcqa", "tool", "json"], ["code"]):
-        _, ids = common.prompt_pools(examples, domains, tokenizer, True, args.new_tokens,
+        _, ids = sample.prompt_pools(examples, domains, tokenizer, True, args.new_tokens,
                                          model.config.max_position_embeddings, "data/rl.jsonl")
         prompt_ids = [p.tolist() for k in range(len(domains)) for p in ids[k][:args.prompts // len(domains) + 1]]
         prompt_ids = prompt_ids[:args.prompts]

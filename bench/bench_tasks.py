@@ -4,8 +4,8 @@ Benchmark the verifiers on the shipped eval data (CPU; not a test).
 1. Code sandbox throughput: every eval code problem's reference program (3 tests each, one confined process per
    test) graded with the worker pool at 1 worker and at one per CPU: programs graded per second and runs per second.
 2. Who forks a run: the launcher process (run_program, what graders use) against forking from this process
-   (sandbox._run_here, the way before the launcher), with --ballast_gb of memory resident here, as a trainer
-   has: milliseconds per run, side by side, on the first 30 programs' first test.
+   (sandbox._run_here: the caller forks the confined child itself), with --ballast_gb of memory resident here,
+   as a trainer has: milliseconds per run, side by side, on the first 30 programs' first test.
 3. Verifier time per answer: math on the fast path (plain numbers, exact Fraction compare) and through
    Math-Verify (LaTeX that needs sympy; a warm worker process), then if / mcqa / json for comparison.
 
