@@ -330,14 +330,16 @@ def test_chat_keeps_its_session_on_undecodable_input(good):
 
 
 def test_readme_commands(monkeypatch, capsys):
-    """The README's 2-process command fits its global batch; its test command selects tests; --help only helps."""
+    """The docs' 2-process SFT command fits its global batch; the README's test command selects tests; --help only
+    helps."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert common.parse_config(sft.SFTConfig, ["--micro_batch=4"]).micro_batch == 4
     with pytest.raises(SystemExit):
         common.parse_config(sft.SFTConfig, [])
     assert "--micro_batch=4" in capsys.readouterr().err               # the error says what would be right
     readme = open(os.path.join(ROOT, "README.md")).read()
-    assert "torchrun --nproc_per_node=2 sft.py --micro_batch=4" in readme
+    scale_page = open(os.path.join(ROOT, "docs", "sft-and-scale.md")).read()
+    assert "torchrun --nproc_per_node=2 sft.py --micro_batch=4" in scale_page
     assert "./test.sh tests/test_model.py -k transformers" in readme
     assert "def test_logits_match_transformers" in open(os.path.join(ROOT, "tests", "test_model.py")).read()
     t0 = time.perf_counter()
