@@ -323,11 +323,8 @@ def _prefill(model, prompts, room, static_shapes=False, prefill_chunk=4096, prog
                leave=False, disable=not progress or n_pieces == len(buckets))
     last = []
     for rows in buckets:
-        bucket, Lb = [prompts[i] for i in order[rows]], lengths[rows.start]
-        ids = torch.zeros(len(bucket), Lb, dtype=torch.long)
-        mask = torch.zeros(len(bucket), Lb, dtype=torch.long)
-        for r, prompt in enumerate(bucket):
-            ids[r, Lb - len(prompt):], mask[r, Lb - len(prompt):] = torch.tensor(prompt, dtype=torch.long), 1
+        Lb = lengths[rows.start]
+        ids, mask = _left_pad([prompts[i] for i in order[rows]])
         ids, mask, window = ids.to(device), mask.to(device), cache.window(rows, L - Lb)
         for start in range(0, Lb, chunk):
             piece = mask[:, start:start + chunk]
@@ -338,6 +335,17 @@ def _prefill(model, prompts, room, static_shapes=False, prefill_chunk=4096, prog
     bar.close()
     cache.advance(L)
     return cache, torch.cat(last), order
+
+
+def _left_pad(seqs):
+    """Token lists -> (ids, mask) [len(seqs), longest] int64 on the CPU: each row right-aligned, mask 1 on its
+    tokens (the pad id 0 is irrelevant: the mask keeps padding out of every row's state)."""
+    L = max(len(x) for x in seqs)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, L - len(x):], mask[r, L - len(x):] = torch.tensor(x, dtype=torch.long), 1
+    return ids, mask
 
 
 def _length_buckets(lengths, ratio=0.75):
@@ -644,13 +652,8 @@ def generate_episodes(model: Model, prompts: Sequence[Sequence[int]], max_new_to
         cache = InferenceCache.concat([part for part, _ in kept]) if len(kept) > 1 else kept[0][0]
         order_rows = [r for _, rows in kept for r in rows]
         episode = episode[order_rows]
-        inputs = [reply_of[r] for r in order_rows]
-        Ld = max(len(x) for x in inputs)
-        ids = torch.zeros(len(inputs), Ld, dtype=torch.long)
-        pad = torch.zeros(len(inputs), Ld, dtype=torch.long)
-        for r, x in enumerate(inputs):
-            ids[r, Ld - len(x):], pad[r, Ld - len(x):] = torch.tensor(x, dtype=torch.long), 1
-        cache.extend(cache.pos + Ld + max_new_tokens)
+        ids, pad = _left_pad([reply_of[r] for r in order_rows])
+        cache.extend(cache.pos + ids.shape[1] + max_new_tokens)
         logits = _last_logits(model, ids.to(device), attention_mask=pad.to(device), cache=cache)
 
     # an episode's tokens past max_tokens (its last turn ran over) are cut, and it ends "length"
@@ -690,10 +693,8 @@ def run_episodes(model: Model, tokenizer, examples: list[dict], prompts: list[li
         env.reset()
     limit = [max_turns or env.max_turns for env in envs]
     rewards, outcomes, taken = [0.0] * len(envs), ["tokens"] * len(envs), [0] * len(envs)
-    opener = "<think>\n" if thinking else "<think></think>"
-
     def respond(episodes, turns):
-        texts = [opener + tokenizer.decode(t[:-1]) for t in turns]             # the stop token dropped
+        texts = [turn_text(tokenizer, t[:-1], thinking) for t in turns]         # the stop token dropped
         with ThreadPoolExecutor(max_workers=workers or min(2 * (os.cpu_count() or 1), 64)) as pool:
             steps = list(pool.map(lambda et: envs[et[0]].step(et[1]), zip(episodes, texts)))
         replies = []
@@ -766,11 +767,14 @@ def response_text(tokenizer, completion: Completion, thinking: bool = True) -> s
     """The assistant turn as text for the verifiers: the template's opener (`<think>\\n` or `<think></think>`) plus
     the sampled tokens, decoded with special tokens kept (the think tags are special), the stop token dropped.
     With the opener in front the text says by itself whether it is a thinking response."""
-    tokens = completion.tokens
-    if completion.finish_reason == "stop":
-        tokens = tokens[:-1]
-    opener = "<think>\n" if thinking else "<think></think>"
-    return opener + tokenizer.decode(tokens)
+    return turn_text(tokenizer, completion.tokens[:-1] if completion.finish_reason == "stop" else completion.tokens,
+                     thinking)
+
+
+def turn_text(tokenizer, tokens, thinking: bool = True) -> str:
+    """The template's opener and the decoded tokens (no stop token): an assistant turn as the verifiers and the
+    environments read it."""
+    return ("<think>\n" if thinking else "<think></think>") + tokenizer.decode(tokens)
 
 
 def encode_prompts(tokenizer, examples: list[dict], thinking: bool, context: int, max_new_tokens: int,
