@@ -13,6 +13,7 @@ few minutes; `configs/sft_nano_30b.json` holds the paper's settings for the real
 A run writes to out_dir: metrics.jsonl, curves.png, checkpoints/ (sharded, resumable: rerun the same command
 and it continues from the latest complete checkpoint), export/ (HF format + tokenizer) and eval.json.
 """
+import bisect
 import functools
 import json
 import math
@@ -94,21 +95,28 @@ def tokenize(examples, tokenizer, thinking, progress=False):
 
 def pack(docs, seq_len, pad_id):
     """
-    Greedily pack documents into rows of seq_len tokens. Returns int64 arrays [rows, seq_len]:
+    Pack documents into rows of seq_len tokens. Returns int64 arrays [rows, seq_len]:
       ids, targets (the next token where it is an assistant token of the same document, else -100), doc_ids
     (each document its own id; padding gets -1 and a target of -100). Documents longer than seq_len are cut.
+    Best fit decreasing: the longest document first, each into the row with the least space left that holds it.
+    Padding is compute spent on nothing: on the shipped data it is 2% of the tokens, against 20% for packing the
+    documents in order (a 490-token conversation then gets a row of its own). Within a row the documents keep
+    their order; the rows are shuffled by row_order.
     """
-    rows, cur, cur_len, truncated = [], [], 0, 0
-    for ids, mask in docs:
-        if len(ids) > seq_len:
-            ids, mask, truncated = ids[:seq_len], mask[:seq_len], truncated + 1
-        if cur_len + len(ids) > seq_len:
-            rows.append(cur)
-            cur, cur_len = [], 0
-        cur.append((ids, mask))
-        cur_len += len(ids)
-    if cur:
-        rows.append(cur)
+    lengths = [min(len(ids), seq_len) for ids, _ in docs]
+    truncated = sum(len(ids) > seq_len for ids, _ in docs)
+    rows, free = [], []                       # free: sorted (space left, row) of the rows that have any
+    for i in sorted(range(len(docs)), key=lambda i: (-lengths[i], i)):
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k < len(free):
+            space, r = free.pop(k)
+        else:
+            space, r = seq_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if space > lengths[i]:
+            bisect.insort(free, (space - lengths[i], r))
+    rows = [[(docs[i][0][:seq_len], docs[i][1][:seq_len]) for i in sorted(row)] for row in rows]
     if truncated:
         print(f"sft: {truncated} documents longer than seq_len={seq_len} were truncated")
     out_ids = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
@@ -202,7 +210,7 @@ def data_cache_key(cfg, tokenizer, sources):
                  tokenizer=hashlib.sha256(tok.encode()).hexdigest(),
                  special=[tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token],
                  seq_len=cfg.seq_len, thinking=cfg.thinking, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                 version=1)
+                 version=2)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -24,9 +24,10 @@ reach after SFT, which is what RL is for:
           city table, weekday, weather): call the right one with arguments from the question (a date rewritten as
           YYYY-MM-DD, a unit name as its symbol, two cities as two parallel calls), or answer in prose when no
           offered tool fits; some SFT rows go on with the tool's result and the final answer
-    agent a tiny warehouse behind tools that really run (tasks/agent.py: 5-7 items in 9 bins, prices 1-9, hidden):
-          what the item in bin B costs (bin_item, then price), sell the item in bin B (bin_item, then sell; graded
-          on the bins left), what N of an item cost (price, then calculate); two dependent calls, then the answer
+    agent a tiny warehouse behind tools that really run (tasks/agent.py: 5-7 items, named by two-digit codes, in
+          9 bins, prices 1-9, hidden): what the item in bin B costs (bin_item, then price), sell the item in bin B
+          (bin_item, then sell; graded on the bins left), what N of item C cost (price, then calculate); two
+          dependent calls, then the answer
     swe   a tiny project (a module or two of 1-3 line functions, a test file whose tests print values) with one
           bug: a wrong operator, constant, comparison, index or case method, or a constant in a config module;
           the answer is a SEARCH/REPLACE patch, tested in the sandbox (tasks/swe.py); in some projects a second
@@ -662,13 +663,16 @@ def _call_turn(trace, name, **arguments):
 
 
 def make_agent(rng):
-    """(example, None, assistant turns, slip): 5-7 of the ITEMS in 9 bins at prices 1-9 (hidden from the model);
-    "what does the item in bin B cost" (bin_item, then price), "sell the item in bin B" (bin_item, then sell: graded
-    on the bins left) or "N items, what do they cost" (price, then calculate). The turns are the assistant's only:
-    play_pool runs them through the environment, which writes the tool results between them."""
+    """(example, None, assistant turns, slip): 5-7 items in 9 bins at prices 1-9 (hidden from the model); an item is
+    named by a two-digit code, like a SKU, so the argument that the second call copies out of the first call's
+    result is a number at a known place (the tiny model copies digits from its context reliably, and miscopies
+    words: with named items it sold the "pencil" when the tool said "card"). "what does the item in bin B cost"
+    (bin_item, then price), "sell the item in bin B" (bin_item, then sell: graded on the bins left) or "N of item C,
+    what do they cost" (price, then calculate). The turns are the assistant's only: play_pool runs them through the
+    environment, which writes the tool results between them."""
     from tasks.agent import TOOLS as AGENT_TOOLS
     kind = rng.choice(AGENT_KINDS)
-    items = rng.sample(ITEMS, rng.randint(5, 7))
+    items = [str(code) for code in rng.sample(range(10, 100), rng.randint(5, 7))]
     bins = dict(sorted(zip(rng.sample(range(1, 10), len(items)), items)))
     prices = {item: rng.randint(1, 9) for item in items}
     name = rng.choice(NAMES)
@@ -684,26 +688,27 @@ def make_agent(rng):
                         f"{name} asks: what is the price of the item in bin {b}?",
                         f"{name} asks: how much is the item in bin {b}?"])
         tools, goal = ["bin_item", "price"], {"answer": str(p)}
-        turns = [first, _call_turn(f"It is the {item}.", "price", item=item),
-                 answer_turn(f"The {item} costs {p}.", f"The {item} costs \\boxed{{{p}}}.")]
+        turns = [first, _call_turn(f"It is item {item}.", "price", item=item),
+                 answer_turn(f"Item {item} costs {p}.", f"Item {item} costs \\boxed{{{p}}}.")]
         guess = rng.choice([x for x in range(1, 10) if x != p])
         slip = {"why": "guessed the price instead of calling price",
-                "turns": [first, answer_turn(f"It is the {item}. The {item} costs about {guess}.",
-                                             f"The {item} costs \\boxed{{{guess}}}.")]}
+                "turns": [first, answer_turn(f"It is item {item}. It costs about {guess}.",
+                                             f"Item {item} costs \\boxed{{{guess}}}.")]}
     elif kind == "sell":
         q = rng.choice([f"{name} asks: sell the item in bin {b}.", f"{name} asks: please sell what is in bin {b}.",
                         f"{name} wants the item in bin {b} sold."])
         tools, goal = ["bin_item", "sell"], {"bins": {k: v for k, v in state["bins"].items() if k != str(b)}}
-        turns = [first, _call_turn(f"It is the {item}. Sell it.", "sell", item=item),
-                 answer_turn("Sold.", f"I sold the {item} from bin {b}.")]
+        turns = [first, _call_turn(f"It is item {item}. Sell it.", "sell", item=item),
+                 answer_turn("Sold.", f"I sold item {item} from bin {b}.")]
     else:
         item, n = rng.choice(items), rng.randint(2, 9)
         p = prices[item]
-        q = rng.choice([f"{name} buys {n} {item}s. What do they cost?", f"{name} asks: how much do {n} {item}s cost?"])
+        q = rng.choice([f"{name} buys {n} of item {item}. What do they cost?",
+                        f"{name} asks: how much do {n} of item {item} cost?"])
         tools, goal = ["price", "calculate"], {"answer": str(n * p)}
-        turns = [_call_turn(f"The price of one {item} first.", "price", item=item),
+        turns = [_call_turn(f"The price of item {item} first.", "price", item=item),
                  _call_turn(f"One costs {p}, so {n} * {p}.", "calculate", expression=f"{n} * {p}"),
-                 answer_turn(f"{n} {item}s cost {n * p}.", f"{n} {item}s cost \\boxed{{{n * p}}}.")]
+                 answer_turn(f"{n} of item {item} cost {n * p}.", f"They cost \\boxed{{{n * p}}}.")]
     example = {"domain": "agent", "messages": [{"role": "user", "content": q}],
                "tools": [AGENT_TOOLS[t] for t in tools], "state": state, "goal": goal}
     return example, None, turns, slip

@@ -19,6 +19,9 @@ argument is the first call's result: bin_item(bin=3) -> "pear", then price(item=
     move(item: string, bin: integer)   move an item to an empty bin (changes the state)
     calculate(expression: string)      + - * / ( ) on small integers
 
+Items may have any names; the shipped rows name them by two-digit codes ("47"), so that what the second call
+copies out of the first call's result is a number (data/generate.py says why).
+
 Each assistant turn is parsed with tokenizer.parse_response(response, thinking=True, tools=example["tools"]),
 which types the arguments by the offered tools' schemas. A turn with calls gets one "tool" observation per call,
 in order (parallel calls are all executed); a call to a tool that is not offered, a missing, extra or mistyped
@@ -202,7 +205,7 @@ class AgentEnvironment(Environment):
         if source is None:
             return f"error: no item named {item:.20}"
         del self.bins[source]
-        return f"ok: sold the {item}"
+        return f"ok: sold {item}"
 
     def _move(self, item, bin):
         item = item.strip()
@@ -215,7 +218,7 @@ class AgentEnvironment(Environment):
             return f"error: bin {bin} is not empty"
         del self.bins[source]
         self.bins[bin] = item
-        return f"ok: the {item} is in bin {bin}"
+        return f"ok: {item} is in bin {bin}"
 
     def _calculate(self, expression):
         try:

@@ -79,7 +79,7 @@ def test_a_guess_after_the_first_call_earns_0():
 def test_calls_change_the_state_and_the_state_is_graded():
     goal = {"bins": {"5": "fig", "7": "pear", "8": "plum"}}
     env = tasks.make_env(agent_example(goal))
-    assert env.step(turn(call("move", item="pear", bin=7)))[0][0]["content"] == "ok: the pear is in bin 7"
+    assert env.step(turn(call("move", item="pear", bin=7)))[0][0]["content"] == "ok: pear is in bin 7"
     assert env.step(turn(call("bin_item", bin=7), call("bin_item", bin=3)))[0] == [
         {"role": "tool", "content": "pear"}, {"role": "tool", "content": "empty"}]  # parallel calls, in order
     assert env.step(turn(call("move", item="fig", bin=8)))[0][0]["content"] == "error: bin 8 is not empty"
@@ -88,7 +88,7 @@ def test_calls_change_the_state_and_the_state_is_graded():
     env.reset()
     assert env.step(turn(answer="I moved the pear to bin 7.")) == ([], True, 0.0)
     sell = tasks.make_env(agent_example({"bins": {"5": "fig", "8": "plum"}}))
-    assert sell.step(turn(call("sell", item="pear")))[0][0]["content"] == "ok: sold the pear"
+    assert sell.step(turn(call("sell", item="pear")))[0][0]["content"] == "ok: sold pear"
     assert sell.step(turn(call("bin_item", bin=3)))[0][0]["content"] == "empty"
     assert sell.step(turn(answer="Sold."))[2] == 1.0
     wrong = tasks.make_env(agent_example({"bins": {"5": "fig", "8": "plum"}}))
