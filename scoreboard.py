@@ -9,7 +9,7 @@ at and a check of what the paper claims at scale:
        stage had lowered (a domain's best teacher is by definition at least as good as the stage that lowered it).
 
     python scoreboard.py out                        # out/rl/cascade.json -> out/scoreboard.{md,json}, out/curves.png
-    python scoreboard.py out/seed0 out/seed1 out/seed2 --out out/seeds   # mean and spread over runs
+    python scoreboard.py out/seed0 out/seed1 out/seed2 --out out/seeds   # mean and spread over runs, seeds.png
 
 Scores are fractions in the JSON and percentages in the table. Only held-out examples are scored (rl.py and
 distill.py evaluate on eval_data; data/generate.py keeps its prompts out of the training splits).
@@ -156,10 +156,43 @@ def plot_curves(run_dir, board, png_path):
     return png_path
 
 
+def plot_seeds(boards, labels, png_path):
+    """One panel per domain: held-out pass@1 across the pipeline's checkpoints, one line per run, the stages
+    that train the domain shaded (where a lift is claimed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = boards[0]["domains"]
+    names = [r["name"] for r in boards[0]["rows"]]
+    cols = min(4, len(domains))
+    fig, axes = plt.subplots(-(-len(domains) // cols), cols, figsize=(3.6 * cols, 2.9 * -(-len(domains) // cols)),
+                             squeeze=False)
+    for ax, dom in zip(axes.flat, domains):
+        for i, row in enumerate(boards[0]["rows"]):
+            if dom in row["trained"] and row["name"] != "mopd":
+                ax.axvspan(i - 0.5, i + 0.5, color="tab:green", alpha=0.12)
+        for board, label in zip(boards, labels):
+            by_name = {r["name"]: r["scores"].get(dom, float("nan")) for r in board["rows"]}
+            ax.plot(range(len(names)), [100 * by_name.get(n, float("nan")) for n in names], marker="o", label=label)
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7, ha="right")
+        ax.set(title=dom, ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(domains):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].set_ylabel("held-out pass@1 (%)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="pipeline output directories (each holds rl/cascade.json)")
-    ap.add_argument("--out", default="", help="where scoreboard.{md,json} (and curves.png for one run) go "
+    ap.add_argument("--out", default="", help="where scoreboard.{md,json} (and curves.png for one run, seeds.png "
+                                              "for several) go "
                                               "(default: the run directory when one run is given)")
     args = ap.parse_args(argv)
     if len(args.runs) > 1 and not args.out:
@@ -183,6 +216,8 @@ def main(argv=None):
     common.write_json_atomic(os.path.join(out, "scoreboard.json"), result)
     if len(boards) == 1:
         plot_curves(args.runs[0], boards[0], os.path.join(out, "curves.png"))
+    else:
+        plot_seeds(boards, [os.path.basename(os.path.normpath(r)) for r in args.runs], os.path.join(out, "seeds.png"))
     print(md)
     return boards
 

@@ -91,3 +91,26 @@ def test_claims_are_judged_and_shown_to_the_half_point():
     claims = {name: (ok, detail) for name, ok, detail in scoreboard.check_claims(board(0.38, 0.445, 0.415))}
     assert claims["mopd within 3 points of the best teacher on if"] == (True, "41.5% vs best 44.5% (-3)")
     assert "| sft | - | 38.5 | 38.5 |" in scoreboard.format_table([board(0.385, 0.48, 0.445)])
+
+
+def test_several_runs_give_mean_and_spread_and_a_plot_per_domain(tmp_path):
+    """Three seeds' cascade.json -> one table of mean ± std, each claim counted over the runs, and seeds.png."""
+    import scoreboard
+
+    runs = []
+    for seed, (sft, rl, mopd) in enumerate([(0.30, 0.50, 0.49), (0.32, 0.40, 0.40), (0.28, 0.52, 0.50)]):
+        run = tmp_path / f"seed{seed}"
+        (run / "rl").mkdir(parents=True)
+        rows = [dict(name="sft", checkpoint="a", trained=[], scores={"if": sft, "math": 0.5}),
+                dict(name="if-rl", checkpoint="b", trained=["if"], scores={"if": rl, "math": 0.5}),
+                dict(name="mopd", checkpoint="c", trained=["if", "math"], teachers={"if": "if-rl", "math": "sft"},
+                     scores={"if": mopd, "math": 0.49})]
+        (run / "rl" / "cascade.json").write_text(json.dumps(dict(domains=["if", "math"], rows=rows)))
+        runs.append(str(run))
+    scoreboard.main(runs + ["--out", str(tmp_path / "seeds")])
+    md = (tmp_path / "seeds" / "scoreboard.md").read_text()
+    assert "| if-rl | if | 47 ± 5 | 50 ± 0 |" in md                    # if: 50, 40, 52 (population std)
+    assert "FAIL (2/3 runs) if-rl lifts if by >= 10 points" in md          # seed 1 lifts by 8 points only
+    assert "PASS (3/3 runs) mopd within 3 points of the best teacher on if" in md
+    png = (tmp_path / "seeds" / "seeds.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
