@@ -5,8 +5,9 @@ and ends it with a verdict; a group's rewards are its rollouts' win rates agains
 DESIGN.md section 7: after MOPD the paper runs RLHF, GRPO rewarded by a generative reward model with a KL term of
 0.03 to the stage's start, about 25-30 steps. Which verdict the paper's judge writes (a score per response or a
 preference between two) is not in what we could read of arXiv 2603.19220 (the search found its abstract and
-pipeline, not the judge's prompt); the GenRM NVIDIA released for the RLHF of Nemotron 3 Nano, the model Nemotron-
-Cascade 2 starts from (Qwen3-Nemotron-235B-A22B-GenRM), compares two responses to one conversation. So the judge
+pipeline, not the judge's prompt); the GenRM NVIDIA released for the RLHF of Nemotron 3 Nano
+(Qwen3-Nemotron-235B-A22B-GenRM; Nemotron-Cascade 2 is post-trained from Nemotron 3 Nano's base) compares two
+responses to one conversation. So the judge
 here is pairwise, in the LLM-as-a-judge verdict format ([[A]], [[B]], [[C]] for a tie), and asked in both orders
 because judges favour a position:
 
