@@ -1299,7 +1299,7 @@ def _saved_bytes_per_token(config, kind, dtype, tokens, segment):
 
 
 def memory_model(config: ModelConfig, seq_len, gpus, micro_batch=1, bf16=True, activation_checkpointing=True,
-                 sample_rows=64, sample_len=None):
+                 sample_rows=64, sample_len=None, ref=False, judge=None, judge_rows=64, judge_len=4096):
     """
     Bytes per GPU. Training, FSDP2 over `gpus` (fp32 master weights, bf16 compute when bf16):
       params / grads / adam: 4 / 4 / 8 bytes per parameter, sharded;  gathered: the root (embeddings, lm_head)
@@ -1311,6 +1311,10 @@ def memory_model(config: ModelConfig, seq_len, gpus, micro_batch=1, bf16=True, a
       logprobs: the final hidden state and its gradient, and one chunk's fp32 logits (about 3 copies in backward).
     Sampling: the whole model gathered in the compute dtype, and per row the KV cache (attention layers) and
     SSM + conv state (Mamba layers) at sample_len positions.
+    Frozen models, sharded like the policy in fp32 and held through every phase: the KL reference (ref, RL with
+    kl_coef > 0 such as RLHF) and an in-process judge (judge: its ModelConfig; rl.py's reward_model). Judging, after
+    the rollouts (their gathered copy is freed by then), gathers the judge in the compute dtype with the caches
+    of judge_rows judgements at judge_len positions (prompt and judgement).
     """
     a = 2 if bf16 else 4
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -1339,16 +1343,34 @@ def memory_model(config: ModelConfig, seq_len, gpus, micro_batch=1, bf16=True, a
     logprobs = T * H * a * 2 + 3 * chunk * V * 4
     train = dict(params=4 * P / gpus, grads=4 * P / gpus, adam=8 * P / gpus, gathered=a * (root + 2 * layer),
                  activations=activations, logprobs=logprobs)
+    P_judge = count_params(judge) if judge is not None else 0
+    frozen = 4 * (P * ref + P_judge) / gpus
+    if frozen:
+        train["frozen"] = frozen
     train["total"] = sum(train.values())
-    S = sample_len or seq_len
+    out = dict(params=P, per_token=per_token, train=train, sample=sampling_memory(config, a, sample_rows,
+                                                                                   sample_len or seq_len, P))
+    if judge is not None:
+        out["judge"] = dict(sampling_memory(judge, a, judge_rows, judge_len, P_judge), shards=4 * P_judge / gpus)
+    return out
+
+
+def count_params(config: ModelConfig):
+    with torch.device("meta"):
+        return sum(p.numel() for p in Model(config).parameters())
+
+
+def sampling_memory(config: ModelConfig, a, rows, length, params=None):
+    """Bytes of a generate phase: the model gathered at `a` bytes a parameter, and per row the KV cache (attention
+    layers) and SSM + conv state (Mamba layers) at `length` positions."""
     n_attn, n_mamba = config.hybrid_override_pattern.count("*"), config.hybrid_override_pattern.count("M")
     conv_dim = config.mamba_num_heads * config.mamba_head_dim + 2 * config.n_groups * config.ssm_state_size
-    kv_row = n_attn * 2 * config.num_key_value_heads * config.head_dim * a * S
+    kv_row = n_attn * 2 * config.num_key_value_heads * config.head_dim * a * length
     ssm_row = n_mamba * (config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * 4
                          + (config.conv_kernel - 1) * conv_dim * a)
-    sample = dict(params=a * P, cache_per_row=kv_row + ssm_row, rows=sample_rows)
-    sample["total"] = sample["params"] + sample_rows * sample["cache_per_row"]
-    return dict(params=P, per_token=per_token, train=train, sample=sample)
+    out = dict(params=a * (params or count_params(config)), cache_per_row=kv_row + ssm_row, rows=rows)
+    out["total"] = out["params"] + rows * out["cache_per_row"]
+    return out
 
 
 if __name__ == "__main__":
@@ -1368,6 +1390,13 @@ if __name__ == "__main__":
     ap.add_argument("--sample-rows", "--sample_rows", type=int, default=64, help="with --memory: rows sampled at once")
     ap.add_argument("--sample-len", "--sample_len", type=int, default=0, help="with --memory: positions per sampled "
                     "row (0 = seq_len)")
+    ap.add_argument("--ref", action="store_true", help="with --memory: a frozen KL reference (RL with kl_coef > 0)")
+    ap.add_argument("--judge", default="", help="with --memory: the in-process judge's config.json or checkpoint "
+                    "directory (rl.py's reward_model)")
+    ap.add_argument("--judge-rows", "--judge_rows", type=int, default=64, help="with --judge: judgements per "
+                    "generate call")
+    ap.add_argument("--judge-len", "--judge_len", type=int, default=4096, help="with --judge: positions per "
+                    "judgement (its prompt, both responses, the judgement)")
     ap.add_argument("--max-params", type=float, default=1e9, help="skip the forward pass above this many parameters")
     args = ap.parse_args()
     config = ModelConfig.from_json(args.config)
@@ -1379,9 +1408,11 @@ if __name__ == "__main__":
         GB = 1e9
         print(f"memory per GPU, {args.gpus} GPUs, {args.micro_batch} x {args.seq_len} tokens per forward, bf16 "
               f"compute, fp32 master weights (GB = 1e9 bytes)")
+        judge = ModelConfig.from_path(args.judge) if args.judge else None
         for ac in (True, False):
             m = memory_model(config, args.seq_len, args.gpus, args.micro_batch, activation_checkpointing=ac,
-                             sample_rows=args.sample_rows, sample_len=args.sample_len or None)
+                             sample_rows=args.sample_rows, sample_len=args.sample_len or None, ref=args.ref,
+                             judge=judge, judge_rows=args.judge_rows, judge_len=args.judge_len)
             print(f"  train, activation checkpointing {'on ' if ac else 'off'}: " +
                   ", ".join(f"{k} {v / GB:.1f}" for k, v in m["train"].items()))
         print("  activation bytes kept per token, by layer kind: " +
@@ -1390,6 +1421,12 @@ if __name__ == "__main__":
         print(f"  sampling: params gathered {smp['params'] / GB:.1f}, KV + SSM cache per row "
               f"{smp['cache_per_row'] / GB:.3f} at {args.sample_len or args.seq_len} positions, "
               f"{smp['rows']} rows: total {smp['total'] / GB:.1f}")
+        if judge is not None:
+            jm = m["judge"]
+            print(f"  judge ({args.judge}): fp32 shards {jm['shards'] / GB:.1f} held throughout (in train's frozen); "
+                  f"judging: judge gathered {jm['params'] / GB:.1f}, KV + SSM cache per row "
+                  f"{jm['cache_per_row'] / GB:.3f} at {args.judge_len} positions, {jm['rows']} rows: total "
+                  f"{jm['total'] / GB:.1f} (+ the policy's and the judge's shards)")
         raise SystemExit
     if counts["total"] <= args.max_params:
         torch.manual_seed(0)

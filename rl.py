@@ -7,7 +7,8 @@ export; math is not trained by RL, as in the paper. Every step, strictly on-poli
 
     1. sample `rollouts` completions for each of `prompts_per_step` prompts with sample.generate, on the very
        model that trains (under FSDP2 the weights are gathered once for the whole rollout phase);
-    2. grade them with the tasks' verifiers (a completion cut off by max_new_tokens scores 0); with dynamic
+    2. grade them with the tasks' verifiers (a completion cut off by max_new_tokens scores 0), or, in a stage
+       with a reward_model (RLHF), by a judge LLM's pairwise verdicts within each group (judge.py); with dynamic
        filtering, groups whose rewards are all equal carry no signal: drop them and sample more prompts;
     3. A_i = (r_i - mean(group)) / max(std(group), floor), one value for every token of rollout i;
     4. L = -(1 / sum_i |o_i|) sum_i sum_t A_i log pi(o_i,t), normalised by the valid tokens of the whole batch
@@ -40,6 +41,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common
+import judge
 import sample
 import tasks
 from model import Model
@@ -73,10 +75,20 @@ class StageConfig:
     dynamic_filtering: bool = True  # drop groups whose rewards are all equal and sample more prompts
     max_fill_rounds: int = 3  # extra sampling rounds to fill a filtered batch; then warn and train on what is kept
     eval_every: int = 0  # held-out evaluation every N steps (0 = at the start and end of the stage only)
+    reward_model: str = ""  # RLHF: judge.py rewards the rollouts: checkpoint dir, "init" (--init) or URL (.../v1)
+    judge_max_new_tokens: int = 96  # RLHF: token budget of one judgement (the tiny judge's thought: about 60)
+    judge_thinking: bool = True  # RLHF: an in-process judge's prompts in thinking mode
+    judge_opponents: int = 0  # RLHF: each rollout is compared with the next k round its group, both ways (0 = all)
+    judge_batch: int = 0  # RLHF: judgements per generate call (0 = all) or requests in flight to a URL (0 = 16)
+    judge_timeout_s: float = 60.0  # RLHF: seconds a URL may take to answer one judgement before it is asked again
+    judge_retries: int = 3  # RLHF: retries of an unanswered judgement; then the stage stops at its last checkpoint
 
     def validate(self):
         problems = common.check_fields(self, prompt_data=common.optional(common.data_source),
-                                       max_turns=common.at_least(0))
+                                       max_turns=common.at_least(0), judge_max_new_tokens=common.at_least(1),
+                                       judge_batch=common.at_least(0), judge_opponents=common.at_least(0),
+                                       judge_timeout_s=common.above(0),
+                                       judge_retries=common.at_least(0))
         if self.max_episode_tokens < self.max_new_tokens:
             problems.append(f"--max_episode_tokens={self.max_episode_tokens}: must be >= max_new_tokens "
                             f"({self.max_new_tokens}), a turn's budget")
@@ -190,10 +202,13 @@ def check_stages(stages, cfg, d, source="preset"):
                                      f"{cfg.init_name!r} and 'mopd'")
         if names.count(s.name) > 1:
             raise common.ConfigError(f"{where}: the name appears twice")
-        unknown = [dom for dom in s.domains if dom not in tasks.GRADED_DOMAINS]
-        if unknown or not s.domains:
+        unknown = [dom for dom in s.domains if dom not in tasks.GRADED_DOMAINS and not s.reward_model]
+        if unknown or not s.domains:           # with a reward model, any domain with prompts (e.g. "sft/chat")
             raise common.ConfigError(f"{where}: unknown domain(s) {unknown or '(none given)'}; "
                                      f"domains with a verifier: {', '.join(tasks.GRADED_DOMAINS)}")
+        if s.reward_model and set(s.domains) & set(tasks.ENVIRONMENTS):
+            raise common.ConfigError(f"{where}: the reward model judges single-turn responses; "
+                                     f"{sorted(set(s.domains) & set(tasks.ENVIRONMENTS))} are multi-turn")
         if s.weights and (len(s.weights) != len(s.domains) or min(s.weights) < 0 or sum(s.weights) <= 0):
             raise common.ConfigError(f"{where}: weights {s.weights} must be one non-negative number per domain "
                                      f"{s.domains}, not all zero")
@@ -326,11 +341,14 @@ def fill_batch(rollout_round, prompts_per_step, dynamic_filtering, max_fill_roun
 # One stage
 
 
-def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_prompts, eval_examples):
+def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_prompts, eval_examples,
+              reward_spec=None):
     stage_dir = os.path.join(cfg.out_dir, stage.name)
     common.claim_out_dir(stage_dir, "rl", Model.config_from_pretrained(start_from))     # one run at a time
     model = common.load_policy(start_from, d, cfg.bf16, cfg.activation_checkpointing)
     ref_model = common.load_policy(start_from, d, cfg.bf16, trainable=False) if stage.kl_coef > 0 else None
+    rm = judge.open_judge(reward_spec, d, cfg.bf16, stage.judge_max_new_tokens, stage.judge_thinking,
+                          stage.judge_batch, stage.judge_timeout_s, stage.judge_retries) if reward_spec else None
     optimizer, ckpt, log, start_step = common.start_or_resume(
         model, stage_dir, d, f"rl[{stage.name}]", stage.lr, stage.betas, stage.weight_decay, cfg.keep_last,
         cfg.wandb_project, dict(asdict(cfg), stage=asdict(stage)))
@@ -361,7 +379,14 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_p
         t1 = time.perf_counter()
         flat = [i for i, r in enumerate(rewards) if r is None]         # single-turn: graded by the verifiers
         texts = [sample.response_text(tokenizer, outs[i], stage.thinking) for i in flat]
-        graded = grade([examples[i // n] for i in flat], texts, [outs[i].finish_reason == "stop" for i in flat])
+        finished = [outs[i].finish_reason == "stop" for i in flat]
+        verified = all(examples[i // n]["domain"] in tasks.VERIFIERS for i in flat)
+        graded = grade([examples[i // n] for i in flat], texts, finished) if rm is None or verified else None
+        if rm is not None:      # RLHF: the judge's win rates (every rollout is single-turn: flat is all of them);
+            hidden = graded     # a verifier's rewards, where the domain has one, are only counted (hidden criteria)
+            graded, counts = judge.score_groups(rm, [tasks.prompt_messages(ex) for ex in examples], texts, finished,
+                                                n, stage.thinking, hidden, stage.judge_opponents)
+            judged.update(counts, hidden_sum=sum(hidden or []), hidden_n=len(hidden or []))
         for i, r in zip(flat, graded):
             rewards[i] = r
         timing["sample"] += t1 - t0
@@ -383,6 +408,7 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_p
             os.kill(os.getpid(), signal.SIGKILL)
         timing = dict(sample=0.0, score=0.0)
         outcomes = collections.Counter()          # how this step's episodes ended (multi-turn domains)
+        judged = collections.Counter()            # the judge's verdicts this step (RLHF)
         lr = common.lr_at(step, stage.lr, stage.warmup_steps, steps, "constant")
         common.set_lr(optimizer, lr)
         kept, sampled, drawn = fill_batch(lambda rnd, count: rollout_round(step, rnd, count),
@@ -408,6 +434,7 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_p
 
         metrics = step_metrics(sampled, completions, trainer_lp, stage, drawn, d)
         metrics.update(episode_metrics(outcomes, d))
+        metrics.update(judge_metrics(judged, d) if rm is not None else {})
         metrics.update(loss=loss, grad_norm=grad_norm, lr=lr, groups_kept=n_kept, expert_imbalance=imbalance,
                        time_sample=timing["sample"], time_score=timing["score"], time_train=timing["train"],
                        rollout_tokens_per_s=metrics.pop("rollout_tokens") / max(timing["sample"], 1e-9),
@@ -431,6 +458,7 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_p
     log.log(steps, **{f"eval_{dom}": s for dom, s in scores.items()}, eval_seconds=seconds)
     if d.is_main:
         keys = [f"reward_{dom}" for dom in stage.domains] + [f"eval_{dom}" for dom in scores] + \
+               (["hidden_reward", "judge_agreement", "judge_unparsable_frac"] if rm is not None else []) + \
                ["zero_var_frac", "response_len", "truncated_frac", "entropy", "logprob_diff_mean", "grad_norm",
                 "time_sample", "time_score", "time_train"]
         common.plot_metrics(log.path, os.path.join(stage_dir, "curves.png"), keys)
@@ -449,6 +477,23 @@ def episode_metrics(outcomes, d):
         return {}
     return {"episodes_done_frac": counts[0] / total, "episodes_over_turns_frac": counts[1] / total,
             "episodes_over_tokens_frac": counts[2] / total}
+
+
+def judge_metrics(counts, d):
+    """The step's judgements over all processes (RLHF): the shares of ties and of unparsable verdicts (counted as
+    ties), of pairs whose two orders agree (position consistency), of pairs the verifier ranks that the judge
+    ranks alike (judge_agreement), and the rollouts' verifier reward (hidden_reward), where the domain has one."""
+    keys = ("judgements", "ties", "unparsable", "pairs", "consistent", "decided", "agreed", "hidden_sum", "hidden_n")
+    c = dict(zip(keys, common.all_reduce_sum(torch.tensor([float(counts[k]) for k in keys], device=d.device),
+                                             d).tolist()))
+    out = dict(judgements=c["judgements"], judge_tie_frac=c["ties"] / max(c["judgements"], 1),
+               judge_unparsable_frac=c["unparsable"] / max(c["judgements"], 1),
+               judge_consistent_frac=c["consistent"] / max(c["pairs"], 1))
+    if c["decided"]:
+        out["judge_agreement"] = c["agreed"] / c["decided"]
+    if c["hidden_n"]:
+        out["hidden_reward"] = c["hidden_sum"] / c["hidden_n"]
+    return out
 
 
 def step_metrics(sampled, completions, trainer_lp, stage, drawn, d):
@@ -502,14 +547,19 @@ def main(cfg: RLConfig, stages: list, source="preset"):
     context = init_config.max_position_embeddings
     sample.encode_prompts(tokenizer, eval_examples, cfg.eval_thinking, context, cfg.eval_max_new_tokens,
                           source=f"--eval_data {cfg.eval_data}", hint="shorten it or lower --eval_max_new_tokens")
-    stage_prompts = {}                       # every stage still to run: its prompts encoded once, and checked to
-    for stage in stages:                     # fit, before any model loads
+    stage_prompts, judges = {}, {}           # every stage still to run: its prompts encoded once, and checked to
+    for stage in stages:                     # fit, and its judge checked, before any model loads
         if finished_row(cfg, stage, cascade_path) is None:
             data = stage.prompt_data or cfg.train_data
             if data not in loaded:
                 loaded[data] = tasks.load_examples(data, verbose=d.is_main)
             stage_prompts[stage.name] = sample.prompt_pools(loaded[data], stage.domains, tokenizer, stage.thinking,
                                                             stage_budget(stage), context, train_source(cfg, stage))
+            if stage.reward_model:            # the judge's checkpoint read, or its endpoint asked, before any model
+                try:
+                    judges[stage.name] = judge.check_reward_model(stage.reward_model, cfg.init, stage.judge_timeout_s)
+                except judge.JudgeError as e:
+                    raise judge.JudgeError(f"stage {stage.name!r}: {e}") from None
     evaluation = dict(data=cfg.eval_data, per_domain=cfg.eval_per_domain, max_new_tokens=cfg.eval_max_new_tokens,
                       max_episode_tokens=cfg.eval_max_episode_tokens, thinking=cfg.eval_thinking, greedy=True)
     common.check_evaluation(common.read_cascade(cascade_path), evaluation, cascade_path)
@@ -541,7 +591,7 @@ def main(cfg: RLConfig, stages: list, source="preset"):
         start_scores = next(r["scores"] for r in common.read_cascade(cascade_path)["rows"]
                             if r["checkpoint"] == os.path.abspath(start_from))
         export_dir, scores = run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer,
-                                       stage_prompts.pop(stage.name), eval_examples)
+                                       stage_prompts.pop(stage.name), eval_examples, judges.get(stage.name))
         common.write_cascade_row(cascade_path, dict(name=stage.name, checkpoint=os.path.abspath(export_dir),
                                                     trained=list(stage.domains), scores=scores,
                                                     seconds=round(time.perf_counter() - t0, 1)), d, evaluation)

@@ -4,10 +4,12 @@ Generates the shipped tiny tasks and the tiny tokenizer:
     data/sft.jsonl   prompts with a thinking-mode answer:  <think>\\nshort trace\\n</think>\\nanswer (or a tool call)
     data/rl.jsonl    prompts only (RL and MOPD sample their own answers)
     data/eval.jsonl  held-out prompts only, for evaluation
+    data/judge.jsonl held-out pairs of chat answers with the hidden criteria's verdict (judge.py --judge measures a
+                     judge's agreement on them)
     data/tokenizer.json  byte-level BPE, 2048 tokens, trained on the rendered SFT conversations (with
                          --train-tokenizer; by default the shipped one is kept and the lengths checked)
 
-Eight domains, one "domain" field per row (the schema of tasks/). Each is small enough for a few-million-parameter
+Nine domains, one "domain" field per row (the schema of tasks/). Each is small enough for a few-million-parameter
 model to learn on a CPU in minutes (a 256-token context; 512 for tool, whose prompt carries the tool specs, and for
 the multi-turn agent and swe, whose SFT rows are whole conversations), and has a knob that keeps some of it out of
 reach after SFT, which is what RL is for:
@@ -32,6 +34,15 @@ reach after SFT, which is what RL is for:
           bug: a wrong operator, constant, comparison, index or case method, or a constant in a config module;
           the answer is a SEARCH/REPLACE patch, tested in the sandbox (tasks/swe.py); in some projects a second
           function is wrong too, which the issue does not mention: the test report after the first patch shows it
+    chat  "tell Ana about cats" or "give Ana a short list about cats": two or three sentences about the topic,
+          graded by hidden criteria (tasks/chat.py: on topic, in the asked format, no sentence twice) that the
+          RLHF stage's judge never sees
+
+and the judge's SFT rows ("judge", no verifier): a chat prompt and two answers, shown in both orders, judged by
+the hidden criteria (the answer that meets more of them wins, [[C]] when they meet as many), with a thought that
+checks each answer's criteria in order; the SFT model learns to judge from them, and the RLHF stage can use it
+as its reward model (judge.py). The chat and judge rows come after the other domains' in each file, so that those
+stay byte for byte what they were.
 
 The SFT answers come from an imperfect teacher: in each RL domain one kind of prompt gets, in SLIP_RATE (70%) of
 its SFT rows, an answer with a habit the verifier rejects, marked "teacher_slip" (see SLIP_RATE below):
@@ -43,6 +54,7 @@ its SFT rows, an answer with a habit the verifier rejects, marked "teacher_slip"
     tool  calculate and convert questions: answered in prose instead of calling the tool
     agent "what does the item in bin B cost": after bin_item, the price guessed instead of calling price
     swe   the config-constant bug: the test file edited (to print the expected value) instead of the code
+    chat  prose requests: the first sentence said again at the end (Nemotron-Cascade 1 reports RLHF cutting repetition)
 
 This is what RL is for at this scale: the SFT model has the habit most of the time, its samples sometimes do it
 right, and the verifier's reward makes the right way the greedy one (README, "Tasks, data and verifiers").
@@ -76,7 +88,10 @@ DOMAIN_COUNTS = {
     "tool": {"sft": 700, "rl": 400, "eval": 200},  # examples 3-4 times longer (the tools in the prompt)
     "agent": {"sft": 500, "rl": 400, "eval": 200},  # whole multi-turn conversations, played through the environment
     "swe": {"sft": 400, "rl": 300, "eval": 200},  # every episode's tests run in the sandbox
+    "chat": {"sft": 800, "rl": 400, "eval": 200},  # short rows; the judge's rows below teach the criteria again
 }
+JUDGE_PAIRS = {"sft": 600, "heldout": 200}  # chat answer pairs: each SFT pair is two rows (both orders)
+APPENDED = ("chat", "judge")  # domains added after the first eight: their rows go last in each file
 
 
 def split_counts(domain):
@@ -846,12 +861,101 @@ def make_swe(rng):
 
 
 # -----------------------------------------------------------------------------
+# chat: a short answer about a topic, graded by hidden criteria (tasks/chat.py); and the judge's examples. Every
+# criterion is visible in the text itself (a topic phrase, "- " items, a sentence said twice), which is what a
+# tiny judge can learn to check; its thought checks them in order for each answer and sums them, and the verdict
+# compares two digits (the MCQA lesson: a digit at a known place, not a thing picked by its content).
+
+CHAT_ASKS = {
+    "prose": ["Tell {name} about {topic}.", "Say a few words to {name} about {topic}.",
+              "Write {name} a short note about {topic}.", "What would you tell {name} about {topic}?"],
+    "list": ["Give {name} a short list about {topic}.", "Tell {name} about {topic} as a list.",
+             "List a few points about {topic} for {name}.", "Make {name} a list of facts about {topic}."],
+}
+
+
+def chat_prompt(rng):
+    topic, fmt = rng.choice(list(TOPICS)), rng.choice(tasks.chat.FORMATS)
+    ask = rng.choice(CHAT_ASKS[fmt]).format(name=rng.choice(NAMES), topic=topic)
+    return {"domain": "chat", "messages": [{"role": "user", "content": ask}], "topic": TOPICS[topic], "format": fmt}
+
+
+def chat_answer(rng, example, flaws=()):
+    """Two or three sentences about the example's topic in its format; each flaw breaks one criterion: "topic"
+    (about another topic), "format" (the other format), "no_repeat" (a sentence said again at the end)."""
+    phrases = example["topic"]
+    if "topic" in flaws:
+        phrases = TOPICS[rng.choice([t for t, forms in TOPICS.items() if forms != example["topic"]])]
+    said = [_upper_first(f"{rng.choice(phrases)} {p}.") for p in rng.sample(PREDICATES, rng.choice([2, 3]))]
+    if "no_repeat" in flaws:
+        said.append(rng.choice(said[:-1]))
+    as_list = (example["format"] == "list") != ("format" in flaws)
+    return "\n".join(f"- {s}" for s in said) if as_list else " ".join(said)
+
+
+def make_chat(rng):
+    example = chat_prompt(rng)
+    answer = chat_answer(rng, example)
+    topic = next(t for t, forms in TOPICS.items() if forms == example["topic"])
+    trace = f"Topic: {topic}. Format: {example['format']}."
+    slip = None
+    if example["format"] == "prose":
+        slipped = answer + " " + answer.split(". ")[0].rstrip(".") + "."
+        slip = {"why": "said a sentence twice", "turns": [answer_turn(trace, slipped)]}
+    return example, trace, answer, slip
+
+
+def judge_thought(example, answers):
+    """The tiny judge's thought: what was asked, then each answer's criteria in order and how many hold."""
+    topic = next(t for t, forms in TOPICS.items() if forms == example["topic"])
+    lines = [f"Asked: {topic}, {example['format']}."]
+    for label, answer in zip("AB", answers):
+        met = tasks.chat.criteria(example, answer)
+        lines.append(f"{label}: topic {'yes' if met['topic'] else 'no'}, format {'yes' if met['format'] else 'no'}, "
+                     f"repeats {'no' if met['no_repeat'] else 'yes'}, score {sum(met.values())}.")
+    return "\n".join(lines)
+
+
+def verdict(example, a, b):
+    """The hidden criteria's verdict on answers a and b: the one meeting more criteria, C when equal."""
+    sa, sb = tasks.chat.score(example, a), tasks.chat.score(example, b)
+    return "A" if sa > sb else "B" if sb > sa else "C"
+
+
+def make_judgements(seed, taken):
+    """The judge's SFT rows (each pair in both orders) and the held-out pairs, on chat prompts of their own (none
+    of `taken`, the chat rows' prompts, and the held-out pairs' prompts none of the SFT pairs'). Each answer
+    breaks each criterion with probability 0.4; pairs the criteria call a tie are kept one time in three, so that
+    about one verdict in seven is [[C]]."""
+    from judge import judge_messages
+    rng = random.Random(f"{seed}:judge")
+    pairs, seen = [], set(taken)
+    while len(pairs) < sum(JUDGE_PAIRS.values()):
+        example = chat_prompt(rng)
+        prompt = example["messages"][0]["content"]
+        a, b = (chat_answer(rng, example, [f for f in tasks.chat.CRITERIA if rng.random() < 0.4]) for _ in "ab")
+        if prompt in seen or a == b or (verdict(example, a, b) == "C" and rng.random() > 1 / 3):
+            continue
+        seen.add(prompt)
+        pairs.append((example, a, b))
+    sft = []
+    for example, a, b in pairs[:JUDGE_PAIRS["sft"]]:
+        for x, y in ((a, b), (b, a)):
+            turn = answer_turn(judge_thought(example, (x, y)), f"[[{verdict(example, x, y)}]]")
+            sft.append({"domain": "judge", "messages": judge_messages(example["messages"], x, y) + [turn],
+                        "verdict": verdict(example, x, y)})
+    heldout = [dict(example, domain="judge", responses=[a, b], better=verdict(example, a, b))
+               for example, a, b in pairs[JUDGE_PAIRS["sft"]:]]
+    return sft, heldout
+
+
+# -----------------------------------------------------------------------------
 # Putting it together
 
 def generate(seed: int):
     city_table = build_city_table(seed)
     makers = {"math": make_math, "if": make_if, "mcqa": make_mcqa, "json": make_json, "code": make_code,
-              "tool": lambda r: make_tool(r, city_table), "agent": make_agent, "swe": make_swe}
+              "tool": lambda r: make_tool(r, city_table), "agent": make_agent, "swe": make_swe, "chat": make_chat}
     splits = {name: [] for name in COUNTS}
     for domain, make in makers.items():
         counts = split_counts(domain)
@@ -905,9 +1009,17 @@ def generate(seed: int):
             start += count
         if slipped:
             print(f"{domain}: {slipped} of {counts['sft']} SFT rows show the teacher's slip")
-    for name in splits:  # interleave domains so any prefix of a file is a mix
-        random.Random(f"{seed}:{name}").shuffle(splits[name])
-    return splits
+    taken = {e["messages"][0]["content"] for rows in splits.values() for e in rows if e["domain"] == "chat"}
+    judge_sft, judge_heldout = make_judgements(seed, taken)
+    print(f"judge: {len(judge_sft)} SFT rows ({len(judge_sft) // 2} pairs, both orders), {len(judge_heldout)} "
+          f"held-out pairs; verdicts A/B/C {[sum(r['verdict'] == v for r in judge_sft) for v in 'ABC']}")
+    for name in splits:  # interleave domains so any prefix of a file is a mix (the appended ones among themselves)
+        first = [e for e in splits[name] if e["domain"] not in APPENDED]
+        appended = [e for e in splits[name] if e["domain"] in APPENDED] + (judge_sft if name == "sft" else [])
+        random.Random(f"{seed}:{name}").shuffle(first)
+        random.Random(f"{seed}:{name}:appended").shuffle(appended)
+        splits[name] = first + appended
+    return splits, judge_heldout
 
 
 def graded_turns(example, turns):
@@ -1001,18 +1113,19 @@ def main():
                              "checkpoints are made with the shipped one); default: keep it, check the lengths")
     args = parser.parse_args()
     out = Path(args.out)
-    splits = generate(args.seed)
-    for name, rows in splits.items():
+    splits, judge_heldout = generate(args.seed)
+    for name, rows in list(splits.items()) + [("judge", judge_heldout)]:
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"wrote {out / name}.jsonl: {len(rows)} rows, {(out / f'{name}.jsonl').stat().st_size / 1e6:.2f} MB")
-    check_lengths(splits, out, train=args.train_tokenizer)
+    check_lengths(splits, out, train=args.train_tokenizer, pairs=judge_heldout)
 
 
-def check_lengths(splits, out: Path, train=False):
+def check_lengths(splits, out: Path, train=False, pairs=()):
     """With train: the tiny BPE on the rendered SFT conversations, written to out/tokenizer.json; either way the
-    length of every example in the tokenizer's tokens, which must fit the tiny context."""
+    length of every example in the tokenizer's tokens, which must fit the tiny context, and of the judge's prompt
+    for each held-out pair, which must leave room for its judgement (about 60 tokens) in 256, as the SFT rows do."""
     from tokenizer import load_tokenizer, render_chat, train_bpe
     if train:
         texts = [render_chat(e["messages"], tools=e.get("tools")) for e in splits["sft"]]
@@ -1033,6 +1146,12 @@ def check_lengths(splits, out: Path, train=False):
             if domain in tasks.ENVIRONMENTS:
                 limit = 512 if name == "sft" else 768 - tasks.ENVIRONMENTS[domain].max_turns * 75
             assert lengths[-1] < limit, f"{name} {domain}: an example has {lengths[-1]} tokens, over {limit}"
+    if pairs:
+        from judge import judge_messages
+        lengths = sorted(len(tok.encode(render_chat(judge_messages(p["messages"], *p["responses"]),
+                                                    add_generation_prompt=True))) for p in pairs)
+        print(f"judge held-out pairs: judge prompt tokens: median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
+        assert lengths[-1] < 256 - 80, f"judge: a held-out pair's judge prompt has {lengths[-1]} tokens"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,337 @@
+"""
+The generative reward model of the RLHF stage: a judge LLM reads a prompt and two responses, writes a judgement
+and ends it with a verdict; a group's rewards are its rollouts' win rates against each other.
+
+DESIGN.md section 7: after MOPD the paper runs RLHF, GRPO rewarded by a generative reward model with a KL term of
+0.03 to the stage's start, about 25-30 steps. Which verdict the paper's judge writes (a score per response or a
+preference between two) is not in what we could read of arXiv 2603.19220 (the search found its abstract and
+pipeline, not the judge's prompt); the GenRM NVIDIA released for the RLHF of Nemotron 3 Nano
+(Qwen3-Nemotron-235B-A22B-GenRM; Nemotron-Cascade 2 is post-trained from Nemotron 3 Nano's base) compares two
+responses to one conversation. So the judge
+here is pairwise, in the LLM-as-a-judge verdict format ([[A]], [[B]], [[C]] for a tie), and asked in both orders
+because judges favour a position:
+
+    p(i, j)  = 1 if the verdict prefers i, 0 if it prefers j, 1/2 for a tie or an unparsable verdict
+    s_ij     = (p(i, j | i shown as A) + p(i, j | i shown as B)) / 2;  s_ij = 1 when j is cut off
+    r_i      = (1 / (n - 1)) sum_{j != i} s_ij       the win rate of rollout i in its group of n, in [0, 1]
+
+(with `opponents` k > 0, each rollout meets only the 2k nearest round the group, and r_i is the mean over those.)
+
+A rollout cut off by its token budget, or whose thought never closes, is never shown to the judge: it scores 0 and
+loses every comparison, as the verifiers score it (DESIGN.md section 7). The judge sees each response's final
+answer (the text after </think>), as a multi-turn history keeps only the final answers of earlier turns.
+
+One function, two backends (open_judge): an HF-format checkpoint that model.py loads, run in process through
+sample.generate (greedy, so the same rollouts get the same rewards: a resumed stage repeats its rewards exactly);
+or a remote OpenAI-compatible server (`/v1/chat/completions`, e.g. vLLM serving a large judge), reached with the
+standard library only, temperature 0. The judge reads the rollouts as text, so its tokenizer need not be the
+policy's; it must be its own model's (common.check_tokenizer). Bad input is found before the first step
+(check_reward_model): a checkpoint that does not load, a tokenizer that does not fit it, an endpoint that does not
+answer. A request that times out mid-stage is retried `retries` times, then JudgeError stops the stage with its
+last checkpoint intact.
+
+    python judge.py --judge out/sft/export                        # agreement with the hidden criteria on
+    python judge.py --judge http://localhost:8000/v1 --limit 50   # data/judge.jsonl's held-out pairs
+"""
+import argparse
+import itertools
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import common
+import tasks
+
+INSTRUCTION = "Which answer is better? End with [[A]], [[B]] or [[C]] for a tie."
+VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]", re.I)
+
+
+class JudgeError(common.ConfigError):
+    """The reward model cannot judge: a bad checkpoint or URL before the first step, or an endpoint that stops
+    answering mid-stage. A ConfigError, so that the stage scripts end with its message, not a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The prompt, the verdict and the rewards
+
+
+def judge_messages(prompt_messages, a: str, b: str) -> list[dict]:
+    """The judge's conversation: one user turn holding the instruction, the conversation so far (each message as
+    a [Role] block) and the two final answers. data/generate.py writes the tiny judge's SFT examples with it."""
+    context = "\n\n".join(f"[{m['role'].capitalize()}]\n{m['content']}" for m in prompt_messages)
+    return [{"role": "user", "content": f"{INSTRUCTION}\n\n{context}\n\n[A]\n{a.strip()}\n\n[B]\n{b.strip()}"}]
+
+
+def parse_verdict(text, thinking=None):
+    """"A", "B" or "C" (a tie): the last [[X]] of the judgement's final answer; None when there is none, when the
+    judgement's thought never closes, or when no judgement came back (text None)."""
+    answer = tasks.final_answer(text, thinking) if text is not None else None
+    found = VERDICT.findall(answer or "")
+    return found[-1].upper() if found else None
+
+
+def preference(verdict) -> float:
+    """p(A over B) for one verdict: a tie and an unparsable verdict both count 1/2."""
+    return {"A": 1.0, "B": 0.0}.get(verdict, 0.5)
+
+
+def opponent_pairs(n, opponents=0):
+    """The pairs (i, j), i < j, a group of n compares: all of them (opponents 0), or each rollout against the next
+    `opponents` ones round the group (2 * opponents opponents each, n * opponents pairs), which bounds the
+    judgements per group at 2 n opponents instead of n (n - 1) (16 rollouts, 4: 128 instead of 240)."""
+    if not opponents or 2 * opponents >= n - 1:
+        return list(itertools.combinations(range(n), 2))
+    return sorted({tuple(sorted((i, (i + k) % n))) for i in range(n) for k in range(1, opponents + 1)})
+
+
+def group_rewards(ok, verdicts, pairs=None):
+    """Win rates r_i of a group (the formula at the top, the mean over the opponents i is compared with: every
+    other rollout, or those of `pairs`). ok[i]: rollout i may be judged (it finished and its thought closed);
+    verdicts[(i, j)]: the verdict with i shown as A and j as B, for both orders of every compared pair of ok
+    rollouts. Returns the rewards and the pairs' s_ij ({(i, j): s_ij} for i < j, both ok)."""
+    n = len(ok)
+    pairs = opponent_pairs(n) if pairs is None else pairs
+    s, opponents = {}, [[] for _ in range(n)]
+    for i, j in pairs:
+        opponents[i].append(j)
+        opponents[j].append(i)
+        if ok[i] and ok[j]:
+            s[i, j] = (preference(verdicts[i, j]) + 1.0 - preference(verdicts[j, i])) / 2
+
+    def s_of(i, j):
+        if not ok[j]:
+            return 1.0
+        return s[i, j] if i < j else 1.0 - s[j, i]
+    rewards = [sum(s_of(i, j) for j in opponents[i]) / max(len(opponents[i]), 1) if ok[i] else 0.0
+               for i in range(n)]
+    return rewards, s
+
+
+def score_groups(judge, prompts, texts, finished, n, thinking=True, hidden=None, opponents=0):
+    """
+    The judge's rewards for groups of n rollouts: prompts[g] is group g's prompt messages, texts[g * n + k] and
+    finished[g * n + k] rollout k's decoded response and whether it ended on a stop token. Each compared pair
+    (opponent_pairs) of judgeable rollouts is two judgements, one per order (n (n - 1) per group at most), all
+    sent to the judge at once.
+    hidden: the rollouts' verifier rewards, if the domain has a verifier, for the agreement count.
+    Returns (rewards, counts): counts holds judgements, ties (verdict C), unparsable, pairs, consistent (pairs
+    whose two orders agree), decided and agreed (pairs whose hidden rewards differ, and those the judge ranks the
+    same way).
+    """
+    answers = [tasks.final_answer(t, thinking) if ok else None for t, ok in zip(texts, finished)]
+    pairs, jobs = opponent_pairs(n, opponents), []
+    for g in range(len(prompts)):
+        for i, j in pairs:
+            if answers[g * n + i] is not None and answers[g * n + j] is not None:
+                jobs += [(g, i, j), (g, j, i)]
+    outs = judge.complete([judge_messages(prompts[g], answers[g * n + i], answers[g * n + j]) for g, i, j in jobs])
+    verdicts = [parse_verdict(t, judge.thinking) for t in outs]
+    mirror = {"A": "B", "B": "A", "C": "C"}                # the verdict that agrees, with the order undone
+    by_group = [{} for _ in prompts]
+    for (g, i, j), v in zip(jobs, verdicts):
+        by_group[g][i, j] = v
+    rewards, counts = [], dict(judgements=len(jobs), ties=verdicts.count("C"), unparsable=verdicts.count(None),
+                               pairs=0, consistent=0, decided=0, agreed=0)
+    for g, vs in enumerate(by_group):
+        r, s = group_rewards([a is not None for a in answers[g * n:(g + 1) * n]], vs, pairs)
+        rewards += r
+        for (i, j), s_ij in s.items():
+            counts["pairs"] += 1
+            counts["consistent"] += vs[i, j] is not None and vs[j, i] == mirror[vs[i, j]]
+            if hidden is not None and hidden[g * n + i] != hidden[g * n + j]:
+                counts["decided"] += 1
+                counts["agreed"] += s_ij != 0.5 and (s_ij > 0.5) == (hidden[g * n + i] > hidden[g * n + j])
+    return rewards, counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two backends
+
+
+class LocalJudge:
+    """A checkpoint in this process: greedy judgements through sample.generate, `batch` prompts per call (0 = all
+    at once). Under FSDP the judge is sharded like a reference model and gathered once per complete() call, which
+    every process makes once per rollout round (sampling_weights is a collective)."""
+
+    def __init__(self, model, tokenizer, max_new_tokens=96, thinking=True, batch=0):
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.thinking, self.batch = thinking, batch
+
+    def complete(self, conversations):
+        import sample
+        from tokenizer import encode_prompt
+        room = self.model.config.max_position_embeddings - self.max_new_tokens
+        prompts = [encode_prompt(self.tokenizer, c, thinking=self.thinking) for c in conversations]
+        fits = [i for i, p in enumerate(prompts) if len(p) <= room]     # an over-long pair: no verdict (a tie)
+        outs = [None] * len(prompts)
+        step = self.batch or max(len(fits), 1)
+        with sample.sampling_weights(self.model):
+            for start in range(0, len(fits), step):
+                part = fits[start:start + step]
+                done = sample.generate(self.model, [prompts[i] for i in part], self.max_new_tokens, temperature=0.0,
+                                       stop_token_ids=self.tokenizer.stop_token_ids)
+                for i, c in zip(part, done):
+                    outs[i] = sample.response_text(self.tokenizer, c, self.thinking)
+        return outs
+
+
+class RemoteJudge:
+    """An OpenAI-compatible server: one POST to {url}/chat/completions per judgement, `workers` in flight,
+    temperature 0. A timeout, a refused connection or a 429 / 5xx answer is retried `retries` times with a
+    doubling pause, then JudgeError; another HTTP error is a JudgeError at once (a bad request will not heal)."""
+    thinking = None                            # the server renders the template: the verdict is in its content
+
+    def __init__(self, url, model_name, max_new_tokens=96, timeout=60.0, retries=3, workers=16):
+        self.url, self.model_name, self.max_new_tokens = url, model_name, max_new_tokens
+        self.timeout, self.retries, self.workers = timeout, retries, max(workers, 1)
+
+    def complete(self, conversations):
+        if not conversations:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.workers, len(conversations))) as pool:
+            return list(pool.map(self._one, conversations))
+
+    def _one(self, messages):
+        body = dict(model=self.model_name, messages=messages, temperature=0.0, max_tokens=self.max_new_tokens, seed=0)
+        reply = request_json(self.url + "/chat/completions", body, self.timeout, self.retries)
+        try:
+            return reply["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            return None                                       # not an OpenAI-style reply: unparsable, a tie
+
+
+def request_json(url, body=None, timeout=60.0, retries=3):
+    """GET (body None) or POST JSON to url; the decoded JSON reply. Retries transient failures (see RemoteJudge)."""
+    data = None if body is None else json.dumps(body).encode()
+    why = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(2.0 ** (attempt - 1), 30.0))
+        try:
+            req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read().decode())
+        except urllib.error.HTTPError as e:
+            why = f"HTTP {e.code} {e.reason}"
+            if e.code != 429 and e.code < 500:
+                raise JudgeError(f"reward model {url}: {why}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            why = str(getattr(e, "reason", e)) or type(e).__name__
+        except json.JSONDecodeError as e:
+            raise JudgeError(f"reward model {url}: the reply is not JSON ({e})") from None
+    raise JudgeError(f"reward model {url}: no answer after {retries + 1} tries of {timeout:g} s ({why})")
+
+
+def endpoint_base(url: str) -> str:
+    """The OpenAI base URL (…/v1) of what a stage names: the base itself or its /chat/completions."""
+    return url.rstrip("/").removesuffix("/chat/completions")
+
+
+def check_reward_model(source, init, timeout=60.0):
+    """
+    The judge a stage names, checked before any model loads; returns its spec for open_judge. source: a URL
+    (http:// or https://: its /models is asked, which also names the served model), "init" (the run's --init
+    checkpoint: the tiny pipeline's SFT model, which learnt to judge from data/generate.py's judgement
+    examples), or an HF checkpoint directory (config.json, safetensors headers and its tokenizer are read).
+    """
+    if source.startswith(("http://", "https://")):
+        base = endpoint_base(source)
+        try:
+            models = request_json(base + "/models", timeout=timeout, retries=0)
+            name = models["data"][0]["id"]
+        except JudgeError as e:
+            raise JudgeError(f"reward_model {source}: the endpoint does not answer ({e})") from None
+        except (KeyError, IndexError, TypeError):
+            raise JudgeError(f"reward_model {source}: {base}/models lists no model (not an OpenAI-compatible "
+                             "server?)") from None
+        return dict(kind="remote", url=base, model=name)
+    path = init if source == "init" else source
+    why = common.model_source(path)
+    if why or not os.path.isdir(path):
+        raise JudgeError(f"reward_model {source}: {why or 'a config file, not a checkpoint directory'}")
+    from model import Model
+    from tokenizer import load_tokenizer
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception as e:                       # noqa: BLE001 (any reason the file does not load is the message)
+        raise JudgeError(f"reward_model {source}: its tokenizer does not load ({e})") from None
+    try:
+        common.check_tokenizer(tokenizer, Model.config_from_pretrained(path), f"reward_model {source}")
+    except common.ConfigError as e:
+        raise JudgeError(str(e)) from None
+    return dict(kind="local", path=path)
+
+
+def open_judge(spec, d, bf16=False, max_new_tokens=96, thinking=True, batch=0, timeout=60.0, retries=3):
+    """The judge of a check_reward_model spec: a LocalJudge (its weights loaded, sharded over the processes like a
+    reference model) or a RemoteJudge (batch = requests in flight, 16 when 0)."""
+    if spec["kind"] == "remote":
+        return RemoteJudge(spec["url"], spec["model"], max_new_tokens, timeout, retries, batch or 16)
+    from tokenizer import load_tokenizer
+    try:
+        model = common.load_policy(spec["path"], d, bf16, trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise JudgeError(f"reward_model {spec['path']}: the checkpoint does not load ({e})") from None
+    return LocalJudge(model, load_tokenizer(spec["path"]), max_new_tokens, thinking, batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Agreement with the hidden criteria on held-out pairs
+
+
+def agreement(judge, rows):
+    """
+    The judge on held-out pairs (data/judge.jsonl: {"messages": the prompt, "responses": [a, b], "better": "A",
+    "B" or "C"}, labels from the chat domain's hidden criteria), each asked in both orders. Returns
+      pair_agreement   pairs with a better response where s (the two orders' mean preference) picks it
+      verdict_accuracy single verdicts equal to the label in their order (a tie must be called a tie)
+      consistent       pairs whose two verdicts agree once the order is undone
+      unparsable       share of verdicts that are unparsable
+    """
+    convs = [judge_messages(r["messages"], *r["responses"]) for r in rows] + \
+            [judge_messages(r["messages"], *r["responses"][::-1]) for r in rows]
+    verdicts = [parse_verdict(t, judge.thinking) for t in judge.complete(convs)]
+    flip = {"A": "B", "B": "A", "C": "C"}                  # the label with the order undone
+    right, decided, agree, consistent = 0, 0, 0, 0
+    for r, v1, v2 in zip(rows, verdicts[:len(rows)], verdicts[len(rows):]):
+        right += (v1 == r["better"]) + (v2 == flip[r["better"]])
+        consistent += v1 is not None and v2 is not None and v1 == flip[v2]
+        if r["better"] != "C":
+            decided += 1
+            s = (preference(v1) + 1.0 - preference(v2)) / 2
+            agree += s > 0.5 if r["better"] == "A" else s < 0.5
+    n = max(len(rows), 1)
+    return dict(pairs=len(rows), pair_agreement=agree / max(decided, 1), verdict_accuracy=right / (2 * n),
+                consistent=consistent / n, unparsable=verdicts.count(None) / (2 * n))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="The judge's agreement with the chat domain's hidden criteria on "
+                                 "held-out pairs, each judged in both orders.")
+    ap.add_argument("--judge", required=True, help="HF checkpoint directory or OpenAI-compatible base URL (…/v1)")
+    ap.add_argument("--data", default=str(tasks.DATA_DIR / "judge.jsonl"), help="held-out pairs (JSONL)")
+    ap.add_argument("--limit", type=int, default=0, help="first N pairs only (0 = all)")
+    ap.add_argument("--max_new_tokens", type=int, default=96, help="judgement budget")
+    ap.add_argument("--batch", type=int, default=64, help="judgements per generate call / requests in flight")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda (in-process judge)")
+    ap.add_argument("--out", default="", help="also write the result here (JSON)")
+    args = ap.parse_args(argv)
+    rows = [json.loads(line) for line in open(args.data) if line.strip()]
+    rows = rows[:args.limit] if args.limit > 0 else rows
+    spec = check_reward_model(args.judge, init=args.judge)
+    judge = open_judge(spec, common.init_dist(args.device), max_new_tokens=args.max_new_tokens, batch=args.batch)
+    t0 = time.perf_counter()
+    result = dict(agreement(judge, rows), judge=args.judge, data=args.data, seconds=round(time.perf_counter() - t0, 1))
+    print(json.dumps(result, indent=2))
+    if args.out:
+        common.write_json_atomic(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    common.run_main(main, sys.argv[1:])
