@@ -563,17 +563,29 @@ def segment_attention(q, k, v, segments):
     """
     Causal attention within each run of Segments: per run one fused SDPA call (flash kernels on CUDA and CPU),
     so the extra memory is O(T) however long the row, and the g = n_heads / n_kv query heads sharing a kv head
-    use it in place (enable_gqa, no repeated K/V). q [B, n_heads, T, d]; k, v [B, n_kv, T, d].
+    use it in place (enable_gqa, no repeated K/V). q [B, n_heads, T, d]; k, v [B, n_kv, S, d], S >= T: the
+    queries are the last T positions (a prefill continuing a cache, S = cached + T), and the runs cover all S.
     """
-    gqa = q.shape[1] != k.shape[1]
+    gqa, T, S = q.shape[1] != k.shape[1], q.shape[2], k.shape[2]
     if all(len(spans) == 1 for spans in segments.spans):          # one run per row: the batch in one call
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return _causal_attention(q, k, v, gqa)
     rows = []
     for b, spans in enumerate(segments.spans):
-        rows.append(torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
-                                                              v[b:b + 1, :, s:e], is_causal=True, enable_gqa=gqa)
-                               for s, e in spans], dim=2))
+        rows.append(torch.cat([_causal_attention(q[b:b + 1, :, max(s, S - T) - (S - T):e - (S - T)],
+                                                 k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], gqa)
+                               for s, e in spans if e > S - T], dim=2))
     return torch.cat(rows)
+
+
+def _causal_attention(q, k, v, gqa):
+    """SDPA, causal with the queries aligned to the last keys (lower right: query i sees keys up to S - T + i);
+    plain is_causal when T == S. torch runs the lower-right form in its flash kernel where that applies (CUDA)
+    and with a materialised [T, S] mask, one for all rows and heads, elsewhere."""
+    if q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    from torch.nn.attention.bias import causal_lower_right
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
+                                          enable_gqa=gqa)
 
 
 def decode_attention(q, k, v, cache, pos, valid):
@@ -908,12 +920,15 @@ class Model(nn.Module):
             # padding (attention_mask 0) is a run of its own; doc_ids must not use -2
             attn_mask = Segments(doc_ids if valid is None else doc_ids.masked_fill(~valid, -2))
         elif cache is not None and not step:
-            # a prefill from position 0: causal within the left padding and within the prompt (Segments); one
-            # decoded token without padding sees everything; a later multi-token step takes the dense mask
-            if pos == 0:
-                attn_mask = Segments(cache.valid[:, :T].long())
-            elif not (T == 1 and bool(cache.valid[:, :pos + T].all())):
-                attn_mask = build_attn_mask(T, cache.valid[:, :pos + T], pos)
+            # a prefill from position 0, or a piece of a long prompt's prefill after the first (every row's
+            # padding before all of its tokens): causal within the left padding and within the prompt, the new
+            # tokens the last of each run (Segments); a later multi-token step with a gap in some row's positions
+            # (an episode's next turn after rows of other lengths) takes the dense mask
+            seen = cache.valid[:, :pos + T]
+            if pos == 0 or bool((seen[:, 1:] >= seen[:, :-1]).all()):
+                attn_mask = Segments(seen.long())
+            else:
+                attn_mask = build_attn_mask(T, seen, pos)
         elif valid is not None and not step:            # left padding: two runs per row, no dense mask
             attn_mask = Segments(valid.long())
 
