@@ -1366,6 +1366,24 @@ def memory_model(config: ModelConfig, seq_len, gpus, micro_batch=1, bf16=True, a
     return dict(params=P, per_token=per_token, train=train, sample=sample)
 
 
+def stage_memory_shape(spec, config: ModelConfig, gpus):
+    """(tokens per forward, rows per forward, sampled rows, sampled positions) of an RL stage, spec PRESET:STAGE:
+    a rollout longer than micro_batch_tokens trains in a row of its own, so the longest forward is one rollout of
+    the stage's context (its `context`, else the model's); each process samples sample_batch prompts (0 = its
+    share of prompts_per_step) x rollouts rows at that context."""
+    from common import config_from_dict
+    from rl import StageConfig
+    path, _, name = spec.rpartition(":")
+    with open(path) as f:
+        stages = {s.get("name"): s for s in json.load(f).get("stages", [])}
+    if name not in stages:
+        raise SystemExit(f"model.py: --stage {spec}: no stage {name!r} in {path} (stages: {', '.join(stages)})")
+    stage = config_from_dict(StageConfig, stages[name], source=f"{path}: stage {name}")
+    context = min(stage.context or config.max_position_embeddings, config.max_position_embeddings)
+    prompts = stage.sample_batch or max(stage.prompts_per_step // gpus, 1)
+    return max(context, stage.micro_batch_tokens), 1, prompts * stage.rollouts, context
+
+
 if __name__ == "__main__":
     # Inspect a config: parameter counts (on the meta device, so even the 30B config costs nothing), and for
     # small models one timed forward pass.
@@ -1383,9 +1401,16 @@ if __name__ == "__main__":
     ap.add_argument("--sample-rows", "--sample_rows", type=int, default=64, help="with --memory: rows sampled at once")
     ap.add_argument("--sample-len", "--sample_len", type=int, default=0, help="with --memory: positions per sampled "
                     "row (0 = seq_len)")
+    ap.add_argument("--stage", default="", help="with --memory: PRESET:STAGE (an RL stage, e.g. "
+                    "configs/rl_nano_30b.json:long-context-rl): its longest forward, one rollout of its context "
+                    "(or micro_batch_tokens if more), and its rollout caches, sample_batch prompts x rollouts at "
+                    "its context")
     ap.add_argument("--max-params", type=float, default=1e9, help="skip the forward pass above this many parameters")
     args = ap.parse_args()
     config = ModelConfig.from_json(args.config)
+    if args.stage:
+        args.seq_len, args.micro_batch, args.sample_rows, args.sample_len = stage_memory_shape(args.stage, config,
+                                                                                               args.gpus)
     with torch.device("meta"):
         counts = Model(config).num_params()
     print(f"{args.config}: pattern {config.hybrid_override_pattern} ({config.num_hidden_layers} layers)")
@@ -1405,6 +1430,10 @@ if __name__ == "__main__":
         print(f"  sampling: params gathered {smp['params'] / GB:.1f}, KV + SSM cache per row "
               f"{smp['cache_per_row'] / GB:.3f} at {args.sample_len or args.seq_len} positions, "
               f"{smp['rows']} rows: total {smp['total'] / GB:.1f}")
+        if args.stage:      # the rollout phase keeps the FSDP shards (fp32 weights, AdamW moments) beside the copy
+            shards = m["train"]["params"] + m["train"]["adam"]
+            print(f"  stage {args.stage}: training {m['train']['total'] / GB:.1f} (activation checkpointing on), "
+                  f"rollouts {(smp['total'] + shards) / GB:.1f} with the shards ({shards / GB:.1f})")
         raise SystemExit
     if counts["total"] <= args.max_params:
         torch.manual_seed(0)
