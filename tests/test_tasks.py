@@ -378,7 +378,7 @@ def test_generator_is_deterministic_and_matches_the_shipped_files(shipped):
     import generate
     city_table = generate.build_city_table(0)
     for domain, make in (("math", generate.make_math), ("json", generate.make_json), ("mcqa", generate.make_mcqa),
-                         ("tool", lambda r: generate.make_tool(r, city_table))):
+                         ("tool", lambda r: generate.make_tool(r, city_table)), ("longctx", generate.make_longctx)):
         # the domain's pool of distinct prompts, which the three splits divide among them (shuffled)
         rng, prompts = random.Random(f"0:{domain}"), set()
         while len(prompts) < sum(generate.split_counts(domain).values()):
