@@ -1424,6 +1424,7 @@ if __name__ == "__main__":
                              sample_rows=args.sample_rows, sample_len=args.sample_len or None)
             print(f"  train, activation checkpointing {'on ' if ac else 'off'}: " +
                   ", ".join(f"{k} {v / GB:.1f}" for k, v in m["train"].items()))
+            checkpointed = m if ac else checkpointed
         print("  activation bytes kept per token, by layer kind: " +
               ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in m["per_token"].items()))
         smp = m["sample"]
@@ -1431,8 +1432,9 @@ if __name__ == "__main__":
               f"{smp['cache_per_row'] / GB:.3f} at {args.sample_len or args.seq_len} positions, "
               f"{smp['rows']} rows: total {smp['total'] / GB:.1f}")
         if args.stage:      # the rollout phase keeps the FSDP shards (fp32 weights, AdamW moments) beside the copy
-            shards = m["train"]["params"] + m["train"]["adam"]
-            print(f"  stage {args.stage}: training {m['train']['total'] / GB:.1f} (activation checkpointing on), "
+            train = checkpointed["train"]
+            shards = train["params"] + train["adam"]
+            print(f"  stage {args.stage}: training {train['total'] / GB:.1f} (activation checkpointing on), "
                   f"rollouts {(smp['total'] + shards) / GB:.1f} with the shards ({shards / GB:.1f})")
         raise SystemExit
     if counts["total"] <= args.max_params:
