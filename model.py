@@ -563,17 +563,29 @@ def segment_attention(q, k, v, segments):
     """
     Causal attention within each run of Segments: per run one fused SDPA call (flash kernels on CUDA and CPU),
     so the extra memory is O(T) however long the row, and the g = n_heads / n_kv query heads sharing a kv head
-    use it in place (enable_gqa, no repeated K/V). q [B, n_heads, T, d]; k, v [B, n_kv, T, d].
+    use it in place (enable_gqa, no repeated K/V). q [B, n_heads, T, d]; k, v [B, n_kv, S, d], S >= T: the
+    queries are the last T positions (a prefill continuing a cache, S = cached + T), and the runs cover all S.
     """
-    gqa = q.shape[1] != k.shape[1]
+    gqa, T, S = q.shape[1] != k.shape[1], q.shape[2], k.shape[2]
     if all(len(spans) == 1 for spans in segments.spans):          # one run per row: the batch in one call
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return _causal_attention(q, k, v, gqa)
     rows = []
     for b, spans in enumerate(segments.spans):
-        rows.append(torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
-                                                              v[b:b + 1, :, s:e], is_causal=True, enable_gqa=gqa)
-                               for s, e in spans], dim=2))
+        rows.append(torch.cat([_causal_attention(q[b:b + 1, :, max(s, S - T) - (S - T):e - (S - T)],
+                                                 k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], gqa)
+                               for s, e in spans if e > S - T], dim=2))
     return torch.cat(rows)
+
+
+def _causal_attention(q, k, v, gqa):
+    """SDPA, causal with the queries aligned to the last keys (lower right: query i sees keys up to S - T + i);
+    plain is_causal when T == S. torch runs the lower-right form in its flash kernel where that applies (CUDA)
+    and with a materialised [T, S] mask, one for all rows and heads, elsewhere."""
+    if q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    from torch.nn.attention.bias import causal_lower_right
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
+                                          enable_gqa=gqa)
 
 
 def decode_attention(q, k, v, cache, pos, valid):
@@ -908,12 +920,15 @@ class Model(nn.Module):
             # padding (attention_mask 0) is a run of its own; doc_ids must not use -2
             attn_mask = Segments(doc_ids if valid is None else doc_ids.masked_fill(~valid, -2))
         elif cache is not None and not step:
-            # a prefill from position 0: causal within the left padding and within the prompt (Segments); one
-            # decoded token without padding sees everything; a later multi-token step takes the dense mask
-            if pos == 0:
-                attn_mask = Segments(cache.valid[:, :T].long())
-            elif not (T == 1 and bool(cache.valid[:, :pos + T].all())):
-                attn_mask = build_attn_mask(T, cache.valid[:, :pos + T], pos)
+            # a prefill from position 0, or a piece of a long prompt's prefill after the first (every row's
+            # padding before all of its tokens): causal within the left padding and within the prompt, the new
+            # tokens the last of each run (Segments); a later multi-token step with a gap in some row's positions
+            # (an episode's next turn after rows of other lengths) takes the dense mask
+            seen = cache.valid[:, :pos + T]
+            if pos == 0 or bool((seen[:, 1:] >= seen[:, :-1]).all()):
+                attn_mask = Segments(seen.long())
+            else:
+                attn_mask = build_attn_mask(T, seen, pos)
         elif valid is not None and not step:            # left padding: two runs per row, no dense mask
             attn_mask = Segments(valid.long())
 
@@ -1373,6 +1388,24 @@ def sampling_memory(config: ModelConfig, a, rows, length, params=None):
     return out
 
 
+def stage_memory_shape(spec, config: ModelConfig, gpus):
+    """(tokens per forward, rows per forward, sampled rows, sampled positions) of an RL stage, spec PRESET:STAGE:
+    a rollout longer than micro_batch_tokens trains in a row of its own, so the longest forward is one rollout of
+    the stage's context (its `context`, else the model's); each process samples sample_batch prompts (0 = its
+    share of prompts_per_step) x rollouts rows at that context."""
+    from common import config_from_dict
+    from rl import StageConfig
+    path, _, name = spec.rpartition(":")
+    with open(path) as f:
+        stages = {s.get("name"): s for s in json.load(f).get("stages", [])}
+    if name not in stages:
+        raise SystemExit(f"model.py: --stage {spec}: no stage {name!r} in {path} (stages: {', '.join(stages)})")
+    stage = config_from_dict(StageConfig, stages[name], source=f"{path}: stage {name}")
+    context = min(stage.context or config.max_position_embeddings, config.max_position_embeddings)
+    prompts = stage.sample_batch or max(stage.prompts_per_step // gpus, 1)
+    return max(context, stage.micro_batch_tokens), 1, prompts * stage.rollouts, context
+
+
 if __name__ == "__main__":
     # Inspect a config: parameter counts (on the meta device, so even the 30B config costs nothing), and for
     # small models one timed forward pass.
@@ -1397,9 +1430,16 @@ if __name__ == "__main__":
                     "generate call")
     ap.add_argument("--judge-len", "--judge_len", type=int, default=4096, help="with --judge: positions per "
                     "judgement (its prompt, both responses, the judgement)")
+    ap.add_argument("--stage", default="", help="with --memory: PRESET:STAGE (an RL stage, e.g. "
+                    "configs/rl_nano_30b.json:long-context-rl): its longest forward, one rollout of its context "
+                    "(or micro_batch_tokens if more), and its rollout caches, sample_batch prompts x rollouts at "
+                    "its context")
     ap.add_argument("--max-params", type=float, default=1e9, help="skip the forward pass above this many parameters")
     args = ap.parse_args()
     config = ModelConfig.from_json(args.config)
+    if args.stage:
+        args.seq_len, args.micro_batch, args.sample_rows, args.sample_len = stage_memory_shape(args.stage, config,
+                                                                                               args.gpus)
     with torch.device("meta"):
         counts = Model(config).num_params()
     print(f"{args.config}: pattern {config.hybrid_override_pattern} ({config.num_hidden_layers} layers)")
@@ -1415,6 +1455,7 @@ if __name__ == "__main__":
                              judge=judge, judge_rows=args.judge_rows, judge_len=args.judge_len)
             print(f"  train, activation checkpointing {'on ' if ac else 'off'}: " +
                   ", ".join(f"{k} {v / GB:.1f}" for k, v in m["train"].items()))
+            checkpointed = m if ac else checkpointed
         print("  activation bytes kept per token, by layer kind: " +
               ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in m["per_token"].items()))
         smp = m["sample"]
@@ -1427,6 +1468,11 @@ if __name__ == "__main__":
                   f"judging: judge gathered {jm['params'] / GB:.1f}, KV + SSM cache per row "
                   f"{jm['cache_per_row'] / GB:.3f} at {args.judge_len} positions, {jm['rows']} rows: total "
                   f"{jm['total'] / GB:.1f} (+ the policy's and the judge's shards)")
+        if args.stage:      # the rollout phase keeps the FSDP shards (fp32 weights, AdamW moments) beside the copy
+            train = checkpointed["train"]
+            shards = train["params"] + train["adam"]
+            print(f"  stage {args.stage}: training {train['total'] / GB:.1f} (activation checkpointing on), "
+                  f"rollouts {(smp['total'] + shards) / GB:.1f} with the shards ({shards / GB:.1f})")
         raise SystemExit
     if counts["total"] <= args.max_params:
         torch.manual_seed(0)

@@ -65,6 +65,7 @@ class StageConfig:
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     max_new_tokens: int = 128  # rollout token budget (a multi-turn domain's: per turn); a cut-off completion scores 0
+    context: int = 0  # longest rollout, prompt + budget, the stage admits (a longer prompt is refused; 0 = the model's)
     max_turns: int = 0  # multi-turn domains: assistant turns per episode (0 = each environment's own limit)
     max_episode_tokens: int = 1024  # multi-turn domains: tokens after the prompt (turns and replies); past it: 0
     temperature: float = 1.0  # rollout temperature (paper: 1.0; anything else is not the policy's distribution)
@@ -89,7 +90,8 @@ class StageConfig:
                                        judge_batch=common.at_least(0), judge_opponents=common.at_least(0),
                                        judge_timeout_s=common.above(0),
                                        judge_retries=common.at_least(0))
-        if self.max_episode_tokens < self.max_new_tokens:
+        # an episode's budget holds its turns; a stage of single-turn domains has no episodes (stage_budget)
+        if any(dom in tasks.ENVIRONMENTS for dom in self.domains) and self.max_episode_tokens < self.max_new_tokens:
             problems.append(f"--max_episode_tokens={self.max_episode_tokens}: must be >= max_new_tokens "
                             f"({self.max_new_tokens}), a turn's budget")
         return problems
@@ -221,6 +223,9 @@ def check_stages(stages, cfg, d, source="preset"):
             raise common.ConfigError(f"{where}: rollouts need temperature > 0 and top_p in (0, 1]")
         if s.steps < 1 or s.micro_batch_tokens < 1 or s.max_new_tokens < 1:
             raise common.ConfigError(f"{where}: steps, micro_batch_tokens and max_new_tokens must be >= 1")
+        if s.context < 0 or 0 < s.context <= stage_budget(s):
+            raise common.ConfigError(f"{where}: context {s.context} must be 0 (the model's) or leave room for a "
+                                     f"prompt beside the budget of {stage_budget(s)} tokens")
     cfg.only = tuple(n for n in cfg.only if n)
     missing = [n for n in cfg.only if n not in names]
     if missing:
@@ -553,8 +558,10 @@ def main(cfg: RLConfig, stages: list, source="preset"):
             data = stage.prompt_data or cfg.train_data
             if data not in loaded:
                 loaded[data] = tasks.load_examples(data, verbose=d.is_main)
+            stage_context = min(stage.context or context, context)
             stage_prompts[stage.name] = sample.prompt_pools(loaded[data], stage.domains, tokenizer, stage.thinking,
-                                                            stage_budget(stage), context, train_source(cfg, stage))
+                                                            stage_budget(stage), stage_context,
+                                                            train_source(cfg, stage))
             if stage.reward_model:            # the judge's checkpoint read, or its endpoint asked, before any model
                 try:
                     judges[stage.name] = judge.check_reward_model(stage.reward_model, cfg.init, stage.judge_timeout_s)

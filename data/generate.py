@@ -10,9 +10,9 @@ Generates the shipped tiny tasks and the tiny tokenizer:
                          --train-tokenizer; by default the shipped one is kept and the lengths checked)
 
 Nine domains, one "domain" field per row (the schema of tasks/). Each is small enough for a few-million-parameter
-model to learn on a CPU in minutes (a 256-token context; 512 for tool, whose prompt carries the tool specs, and for
-the multi-turn agent and swe, whose SFT rows are whole conversations), and has a knob that keeps some of it out of
-reach after SFT, which is what RL is for:
+model to learn on a CPU in minutes (a 256-token context; 512 for tool, whose prompt carries the tool specs, for
+the multi-turn agent and swe, whose SFT rows are whole conversations, and for longctx, whose prompt is a long
+document), and has a knob that keeps some of it out of reach after SFT, which is what RL is for:
 
     math  arithmetic word problems; the answer in \\boxed{}; one or two steps on one-digit numbers (the times table)
     if    "write a sentence about X" under one or two IFEval constraints (case, ending phrase, keyword, word or
@@ -41,8 +41,10 @@ reach after SFT, which is what RL is for:
 and the judge's SFT rows ("judge", no verifier): a chat prompt and two answers, shown in both orders, judged by
 the hidden criteria (the answer that meets more of them wins, [[C]] when they meet as many), with a thought that
 checks each answer's criteria in order; the SFT model learns to judge from them, and the RLHF stage can use it
-as its reward model (judge.py). The chat and judge rows come after the other domains' in each file, so that those
-stay byte for byte what they were.
+as its reward model (judge.py).
+    longctx a document of 21-33 records (which row each of 12-24 bins is in, how many of an item each of 9 rows
+          has), shuffled, and a question that needs one of them (the row of a bin), two in a chain (the items in
+          the row of a bin) or two and a sum (the items of two rows); the answer in \\boxed{}
 
 The SFT answers come from an imperfect teacher: in each RL domain one kind of prompt gets, in SLIP_RATE (70%) of
 its SFT rows, an answer with a habit the verifier rejects, marked "teacher_slip" (see SLIP_RATE below):
@@ -55,6 +57,7 @@ its SFT rows, an answer with a habit the verifier rejects, marked "teacher_slip"
     agent "what does the item in bin B cost": after bin_item, the price guessed instead of calling price
     swe   the config-constant bug: the test file edited (to print the expected value) instead of the code
     chat  prose requests: the first sentence said again at the end (Nemotron-Cascade 1 reports RLHF cutting repetition)
+    longctx the chain questions: the bin's row boxed (the first hop's value) instead of the items in that row
 
 This is what RL is for at this scale: the SFT model has the habit most of the time, its samples sometimes do it
 right, and the verifier's reward makes the right way the greedy one (README, "Tasks, data and verifiers").
@@ -89,9 +92,9 @@ DOMAIN_COUNTS = {
     "agent": {"sft": 500, "rl": 400, "eval": 200},  # whole multi-turn conversations, played through the environment
     "swe": {"sft": 400, "rl": 300, "eval": 200},  # every episode's tests run in the sandbox
     "chat": {"sft": 800, "rl": 400, "eval": 200},  # short rows; the judge's rows below teach the criteria again
+    "longctx": {"sft": 400, "rl": 300, "eval": 200},  # examples 3-5 times longer (the document in the prompt)
 }
 JUDGE_PAIRS = {"sft": 600, "heldout": 200}  # chat answer pairs: each SFT pair is two rows (both orders)
-APPENDED = ("chat", "judge")  # domains added after the first eight: their rows go last in each file
 
 
 def split_counts(domain):
@@ -949,13 +952,58 @@ def make_judgements(seed, taken):
     return sft, heldout
 
 
+# longctx: a long document of short records and a question whose answer needs one, two in a chain, or two and a
+# sum (tasks/longctx.py). The records are "Bin 38 is in row 8." (12-24 bins, numbered 10-99) and "Row 8 has 9
+# coins." (rows 1-9), shuffled together, so the facts a question needs lie anywhere among 20-30 that it does not.
+# Keys and answers are digits: the tiny model copies a digit from its context reliably and miscopies names (see
+# mcqa). Each line of the thought is a record read back whole, so the skill is finding the record that goes on
+# as the line has begun ("Bin 38 is in row" -> 8) and, for the chain, starting the next line from its digit.
+
+LONGCTX_QUESTIONS = {
+    "row": ["Which row is bin {b} in?", "In which row is bin {b}?"],
+    "chain": ["How many {noun} are in the row of bin {b}?", "Bin {b} is in a row. How many {noun} does that row have?"],
+    "sum": ["How many {noun} do rows {r} and {s} have together?",
+            "What is the total number of {noun} in rows {r} and {s}?"],
+}
+LONGCTX_KINDS = ("chain", "chain", "row", "sum")   # half chains: the kind with the slip
+LONGCTX_SLIPPED = "chain"  # the slip: the teacher stops after the first record and boxes the bin's row
+
+
+def make_longctx(rng):
+    kind = rng.choice(LONGCTX_KINDS)
+    noun = rng.choice(ITEMS) + "s"
+    bins = rng.sample(range(10, 100), rng.randint(12, 24))
+    row_of = {b: rng.randint(1, 9) for b in bins}
+    count = {r: rng.randint(1, 9) for r in range(1, 10)}
+    records = [f"Bin {b} is in row {row_of[b]}." for b in bins] + [f"Row {r} has {count[r]} {noun}." for r in count]
+    rng.shuffle(records)
+    b, (r, s) = rng.choice(bins), rng.sample(range(1, 10), 2)
+    question = rng.choice(LONGCTX_QUESTIONS[kind]).format(b=b, r=r, s=s, noun=noun)
+    prompt = "Records:\n" + "\n".join(records) + f"\n\nQuestion: {question}\nAnswer with the number in \\boxed{{}}."
+    hop = f"Bin {b} is in row {row_of[b]}."
+    if kind == "row":
+        trace, answer = hop, row_of[b]
+    elif kind == "chain":
+        trace, answer = f"{hop}\nRow {row_of[b]} has {count[row_of[b]]} {noun}.", count[row_of[b]]
+    else:
+        answer = count[r] + count[s]
+        trace = f"Row {r} has {count[r]} {noun}.\nRow {s} has {count[s]} {noun}.\n{count[r]} + {count[s]} = {answer}."
+    example = {"domain": "longctx", "messages": [{"role": "user", "content": prompt}], "answer": str(answer)}
+    slip = None
+    if kind == LONGCTX_SLIPPED:
+        slip = {"why": "answered with the first record's row", "turns": [answer_turn(
+            hop, f"The answer is \\boxed{{{row_of[b]}}}.")]}
+    return example, trace, f"The answer is \\boxed{{{answer}}}.", slip
+
+
 # -----------------------------------------------------------------------------
 # Putting it together
 
 def generate(seed: int):
     city_table = build_city_table(seed)
     makers = {"math": make_math, "if": make_if, "mcqa": make_mcqa, "json": make_json, "code": make_code,
-              "tool": lambda r: make_tool(r, city_table), "agent": make_agent, "swe": make_swe, "chat": make_chat}
+              "tool": lambda r: make_tool(r, city_table), "agent": make_agent, "swe": make_swe, "chat": make_chat,
+              "longctx": make_longctx}
     splits = {name: [] for name in COUNTS}
     for domain, make in makers.items():
         counts = split_counts(domain)
@@ -1013,12 +1061,9 @@ def generate(seed: int):
     judge_sft, judge_heldout = make_judgements(seed, taken)
     print(f"judge: {len(judge_sft)} SFT rows ({len(judge_sft) // 2} pairs, both orders), {len(judge_heldout)} "
           f"held-out pairs; verdicts A/B/C {[sum(r['verdict'] == v for r in judge_sft) for v in 'ABC']}")
-    for name in splits:  # interleave domains so any prefix of a file is a mix (the appended ones among themselves)
-        first = [e for e in splits[name] if e["domain"] not in APPENDED]
-        appended = [e for e in splits[name] if e["domain"] in APPENDED] + (judge_sft if name == "sft" else [])
-        random.Random(f"{seed}:{name}").shuffle(first)
-        random.Random(f"{seed}:{name}:appended").shuffle(appended)
-        splits[name] = first + appended
+    splits["sft"] += judge_sft
+    for name in splits:  # interleave domains so any prefix of a file is a mix
+        random.Random(f"{seed}:{name}").shuffle(splits[name])
     return splits, judge_heldout
 
 
@@ -1139,10 +1184,11 @@ def check_lengths(splits, out: Path, train=False, pairs=()):
                              for e in rows if e["domain"] == domain)
             print(f"{name} {domain}: tokens per example: median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
             # SFT packs 512-token rows and cuts longer examples; a tool prompt carries the tool specs and the
-            # template's reminder (about 300 tokens), the others must leave room for an answer in 256. A
-            # multi-turn SFT row is a whole conversation (< 512); its RL / eval prompt must leave room in a
-            # 768-token episode for each of its turns (about 60 tokens) and the observation after it (about 15)
-            limit = 512 if domain == "tool" else 256
+            # template's reminder (about 300 tokens), a longctx prompt its document (up to about 450), the others
+            # must leave room for an answer in 256. A multi-turn SFT row is a whole conversation (< 512); its RL /
+            # eval prompt must leave room in a 768-token episode for each of its turns (about 60 tokens) and the
+            # observation after it (about 15)
+            limit = 512 if domain in ("tool", "longctx") else 256
             if domain in tasks.ENVIRONMENTS:
                 limit = 512 if name == "sft" else 768 - tasks.ENVIRONMENTS[domain].max_turns * 75
             assert lengths[-1] < limit, f"{name} {domain}: an example has {lengths[-1]} tokens, over {limit}"

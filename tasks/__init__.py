@@ -17,19 +17,21 @@ fields are what the domain's verifier needs, about the last assistant turn:
     {"domain": "code", "messages": [...], "tests": [{"input": "1 2\\n", "output": "3\\n"}, ...]}
     {"domain": "tool", "messages": [...], "tools": [...function specs...], "tool_calls": [[{"name", "arguments"}]]}
     {"domain": "chat", "messages": [...], "topic": ["cats", "my cat"], "format": "list"}   (hidden criteria)
+    {"domain": "longctx", "messages": [...], "answer": "8"}
 
 Rows of any other domain (e.g. "sft/chat" from the SFT release) load fine for SFT but have no verifier.
 
 One file per idea: core.py (schema, loaders, final answer, reward dispatch, scoring), one file per domain's
-verifier (math.py, ifeval.py, mcqa.py, json.py, code.py, tools.py, chat.py), and sandbox.py (the code sandbox). A
-domain module has `check(example, where)` (validate its fields, raise ExampleError) and `reward(example, answer,
-**options)` (grade the final answer); VERIFIERS below is the one place that maps a domain name to its module.
+verifier (math.py, ifeval.py, mcqa.py, json.py, code.py, tools.py, chat.py, longctx.py), and sandbox.py (the code
+sandbox). A domain module has `check(example, where)` (validate its fields, raise ExampleError) and
+`reward(example, answer, **options)` (grade the final answer); VERIFIERS below is the one place that maps a
+domain name to its module.
 Only the standard library is imported at the top of every file: `datasets`, `jsonschema`, `langdetect`,
 `math_verify` and the tokenizer are imported where they are used, so `import tasks` is cheap (and the math worker
 and the sandbox start fast).
 """
 
-from . import agent, chat, code, ifeval, json, math, mcqa, swe, tools
+from . import agent, chat, code, ifeval, json, longctx, math, mcqa, swe, tools
 from .agent import AgentEnvironment
 from .code import code_reward, extract_code, normalise_output
 from .core import (DATA_DIR, ROLES, ExampleError, example_from_row, final_answer, format_score_table,
@@ -37,6 +39,7 @@ from .core import (DATA_DIR, ROLES, ExampleError, example_from_row, final_answer
 from .env import Environment, make_env
 from .ifeval import INSTRUCTIONS, check_instruction, if_reward
 from .json import json_reward, strict_schema
+from .longctx import longctx_reward, normalise_answer
 from .math import last_boxed, math_reward
 from .mcqa import mcqa_letter, mcqa_reward
 from .sandbox import RunResult, SandboxLimits, run_program, run_programs
@@ -45,7 +48,7 @@ from .tools import tool_reward
 
 # domain name -> the module that checks and grades it. Add a domain: write tasks/mine.py, register it here.
 VERIFIERS = {"math": math, "if": ifeval, "mcqa": mcqa, "json": json, "code": code, "tool": tools,
-             "agent": agent, "swe": swe, "chat": chat}
+             "agent": agent, "swe": swe, "chat": chat, "longctx": longctx}
 # the multi-turn domains: domain name -> its Environment (tasks/env.py), which grades a whole episode; their
 # modules in VERIFIERS check the rows, and their reward() raises (one answer cannot be graded)
 ENVIRONMENTS = {"agent": AgentEnvironment, "swe": SweEnvironment}

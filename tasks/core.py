@@ -142,7 +142,8 @@ def example_from_row(row, where: str = "<row>", hint=None):
     - ours: has "domain";
     - NeMo-Gym RL rows (Nemotron-Cascade-2-RL-data): have "responses_create_params"; the grader is picked by the
       fields present (tools -> tool, instruction_id_list -> if, options + expected_answer -> mcqa, schema_str ->
-      json), which may sit at the top level, under "verifier_metadata" or under "metadata";
+      json, answer + a long-context grader or field -> longctx), which may sit at the top level, under
+      "verifier_metadata" or under "metadata";
     - AceReason-style math: "problem" and "answer";
     - SFT rows (Nemotron-Cascade-2-SFT-Data): "messages" (a list, or a JSON string), reasoning inline as
       <think>...</think> (a separate "reasoning_content" is moved inline); the domain is "sft/" + the dataset
@@ -218,6 +219,8 @@ def _from_nemo_gym(row: dict, where: str):
         except (TypeError, json.JSONDecodeError) as e:
             raise ExampleError(where, "schema_str", f"not a JSON schema string ({e})") from None
         example = {"domain": "json", "messages": messages, "schema": schema}
+    elif _verifiers()["longctx"].is_long_context_row(field, agent):
+        example = _verifiers()["longctx"].from_nemo_gym(messages, field)
     else:
         return f"no verifier for agent '{agent}'"
     return _check_example(example, where)

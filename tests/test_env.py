@@ -44,7 +44,8 @@ def agent_example(goal, tools=("bin_item", "price", "sell", "move", "calculate",
 
 def test_registry_and_interface():
     assert tasks.ENV_DOMAINS == ("agent", "swe") and set(tasks.ENVIRONMENTS) == {"agent", "swe"}
-    assert set(tasks.GRADED_DOMAINS) == {"math", "if", "mcqa", "json", "code", "tool", "agent", "swe", "chat"}
+    assert set(tasks.GRADED_DOMAINS) == {"math", "if", "mcqa", "json", "code", "tool", "agent", "swe", "chat",
+                                         "longctx"}
     assert {"agent", "swe"} <= set(tasks.VERIFIERS)
     example = agent_example({"answer": "4"})
     env = tasks.make_env(example)

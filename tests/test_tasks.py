@@ -282,7 +282,7 @@ def test_shipped_splits_load_cover_every_domain_and_are_disjoint(shipped):
         assert all(ends_with_answer) if split == "sft" else not any(ends_with_answer)
     assert not prompts["sft"] & prompts["rl"] and not prompts["sft"] & prompts["eval"] and not prompts["rl"] & prompts["eval"]
     size = sum((ROOT / "data" / f"{s}.jsonl").stat().st_size for s in shipped)
-    assert size < 7e6                     # tiny: a clone stays small (the agent rows carry tool specs)
+    assert size < 8e6                     # tiny: a clone stays small (agent rows carry tool specs, longctx documents)
 
 
 def test_shipped_mcqa_thoughts_check_the_options_in_order_and_stop_at_the_right_one(shipped):
@@ -324,7 +324,7 @@ def test_shipped_sft_answers_are_thinking_mode_and_score_1_except_the_teachers_s
                  if d not in tasks.ENVIRONMENTS}     # the multi-turn domains' rows replay in tests/test_env.py
     slipped = {d: sum("teacher_slip" in e for e in es) for d, es in by_domain.items()}
     assert slipped["math"] == 0 and all(0.1 < slipped[d] / len(by_domain[d]) < 0.5
-                                        for d in ("if", "mcqa", "json", "code", "tool")), slipped
+                                        for d in ("if", "mcqa", "json", "code", "tool", "longctx")), slipped
     sample = [e for d, es in by_domain.items() for e in rng.sample(es, 8 if d == "code" else 40)]
     for example in sample:
         answer = example["messages"][-1]["content"]
@@ -362,10 +362,11 @@ def test_shipped_examples_fit_the_tiny_context(shipped):
     tok = tokenizer.load_tokenizer()
     assert tok.vocab_size == 2048
     for split, examples in shipped.items():
-        # tool and agent prompts carry tool specs, agent and swe SFT rows whole episodes: SFT packs 512-token
-        # rows; an RL or eval prompt of a multi-turn domain leaves room for its turns and replies
-        long = {"tool": 512, "agent": 512 if split == "sft" else 400, "swe": 512 if split == "sft" else 300,
-                "judge": 256}                       # a judgement: a prompt, two answers, a thought per answer
+        # tool and agent prompts carry tool specs, longctx prompts a document, agent and swe SFT rows whole
+        # episodes: SFT packs 512-token rows; an RL or eval prompt of a multi-turn domain leaves room for its
+        # turns and replies
+        long = {"tool": 512, "longctx": 512, "agent": 512 if split == "sft" else 400,
+                "swe": 512 if split == "sft" else 300, "judge": 256}   # a judgement: a prompt, two answers, a thought each
         for domain in sorted({e["domain"] for e in examples}):
             longest = max(len(tok.encode(tokenizer.render_chat(e["messages"], tools=e.get("tools"),
                                                                add_generation_prompt=split != "sft")))
@@ -378,7 +379,7 @@ def test_generator_is_deterministic_and_matches_the_shipped_files(shipped):
     import generate
     city_table = generate.build_city_table(0)
     for domain, make in (("math", generate.make_math), ("json", generate.make_json), ("mcqa", generate.make_mcqa),
-                         ("tool", lambda r: generate.make_tool(r, city_table))):
+                         ("tool", lambda r: generate.make_tool(r, city_table)), ("longctx", generate.make_longctx)):
         # the domain's pool of distinct prompts, which the three splits divide among them (shuffled)
         rng, prompts = random.Random(f"0:{domain}"), set()
         while len(prompts) < sum(generate.split_counts(domain).values()):
