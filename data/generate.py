@@ -684,7 +684,9 @@ def make_agent(rng):
     """(example, None, assistant turns, slip): 5-7 items in 9 bins at prices 1-9 (hidden from the model); an item is
     named by a two-digit code, like a SKU, so the argument that the second call copies out of the first call's
     result is a number at a known place (the tiny model copies digits from its context reliably, and miscopies
-    words: with named items it sold the "pencil" when the tool said "card"). "what does the item in bin B cost"
+    words: with named items it sold the "pencil" when the tool said "card"). Each thought puts what the next step
+    copies close to it: the first one says the plan ("then its price", "then 8 times it"), which the second call's
+    tool or expression copies, and the last one reads the result back. "what does the item in bin B cost"
     (bin_item, then price), "sell the item in bin B" (bin_item, then sell: graded on the bins left) or "N of item C,
     what do they cost" (price, then calculate). The turns are the assistant's only: play_pool runs them through the
     environment, which writes the tool results between them."""
@@ -699,7 +701,8 @@ def make_agent(rng):
     if kind in ("price", "sell"):
         b = rng.choice(sorted(bins))
         item = bins[b]
-        first = _call_turn(f"Bin {b} first.", "bin_item", bin=b)
+        # the first thought says the whole plan, so the second call copies its tool from a line just above it
+        first = _call_turn(f"Bin {b} first, then {'its price' if kind == 'price' else 'sell it'}.", "bin_item", bin=b)
     if kind == "price":
         p = prices[item]
         q = rng.choice([f"{name} asks: what does the item in bin {b} cost?",
@@ -724,9 +727,9 @@ def make_agent(rng):
         q = rng.choice([f"{name} buys {n} of item {item}. What do they cost?",
                         f"{name} asks: how much do {n} of item {item} cost?"])
         tools, goal = ["price", "calculate"], {"answer": str(n * p)}
-        turns = [_call_turn(f"The price of item {item} first.", "price", item=item),
+        turns = [_call_turn(f"The price of item {item} first, then {n} times it.", "price", item=item),
                  _call_turn(f"One costs {p}, so {n} * {p}.", "calculate", expression=f"{n} * {p}"),
-                 answer_turn(f"{n} of item {item} cost {n * p}.", f"They cost \\boxed{{{n * p}}}.")]
+                 answer_turn(f"It is {n * p}.", f"They cost \\boxed{{{n * p}}}.")]
     example = {"domain": "agent", "messages": [{"role": "user", "content": q}],
                "tools": [AGENT_TOOLS[t] for t in tools], "state": state, "goal": goal}
     return example, None, turns, slip
