@@ -2,7 +2,8 @@
 # The whole Nemotron-Cascade 2 pipeline on the embedded default (tiny model, tiny shipped tasks; CPU, or the GPU
 # when there is one):
 #
-#   SFT (sft.py) -> Cascade RL (rl.py: IF-RL -> multi-domain RL -> code RL) -> MOPD (distill.py) -> scoreboard
+#   SFT (sft.py) -> Cascade RL (rl.py: IF-RL -> multi-domain RL -> RLHF -> long-context RL -> code RL -> agentic RL)
+#   -> MOPD (distill.py) -> scoreboard
 #
 # Sets up .venv if needed, then runs each stage into OUT (default out/): out/sft, out/rl/<stage>, out/mopd, and
 # at the end out/scoreboard.md, out/scoreboard.json and out/curves.png. Run it again with the same OUT and it
