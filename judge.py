@@ -49,6 +49,7 @@ import tasks
 
 INSTRUCTION = "Which answer is better? End with [[A]], [[B]] or [[C]] for a tie."
 VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]", re.I)
+SWAPPED = {"A": "B", "B": "A", "C": "C"}    # a verdict with the two answers' order undone
 
 
 class JudgeError(common.ConfigError):
@@ -80,6 +81,12 @@ def preference(verdict) -> float:
     return {"A": 1.0, "B": 0.0}.get(verdict, 0.5)
 
 
+def pair_score(v_ab, v_ba) -> float:
+    """s_ij (the formula at the top): i's preference over j, from the verdict with i shown as A (v_ab) and the one
+    with i shown as B (v_ba)."""
+    return (preference(v_ab) + 1.0 - preference(v_ba)) / 2
+
+
 def opponent_pairs(n, opponents=0):
     """The pairs (i, j), i < j, a group of n compares: all of them (opponents 0), or each rollout against the next
     `opponents` ones round the group (2 * opponents opponents each, n * opponents pairs), which bounds the
@@ -101,7 +108,7 @@ def group_rewards(ok, verdicts, pairs=None):
         opponents[i].append(j)
         opponents[j].append(i)
         if ok[i] and ok[j]:
-            s[i, j] = (preference(verdicts[i, j]) + 1.0 - preference(verdicts[j, i])) / 2
+            s[i, j] = pair_score(verdicts[i, j], verdicts[j, i])
 
     def s_of(i, j):
         if not ok[j]:
@@ -131,7 +138,6 @@ def score_groups(judge, prompts, texts, finished, n, thinking=True, hidden=None,
                 jobs += [(g, i, j), (g, j, i)]
     outs = judge.complete([judge_messages(prompts[g], answers[g * n + i], answers[g * n + j]) for g, i, j in jobs])
     verdicts = [parse_verdict(t, judge.thinking) for t in outs]
-    mirror = {"A": "B", "B": "A", "C": "C"}                # the verdict that agrees, with the order undone
     by_group = [{} for _ in prompts]
     for (g, i, j), v in zip(jobs, verdicts):
         by_group[g][i, j] = v
@@ -142,7 +148,7 @@ def score_groups(judge, prompts, texts, finished, n, thinking=True, hidden=None,
         rewards += r
         for (i, j), s_ij in s.items():
             counts["pairs"] += 1
-            counts["consistent"] += vs[i, j] is not None and vs[j, i] == mirror[vs[i, j]]
+            counts["consistent"] += vs[i, j] is not None and vs[j, i] == SWAPPED[vs[i, j]]
             if hidden is not None and hidden[g * n + i] != hidden[g * n + j]:
                 counts["decided"] += 1
                 counts["agreed"] += s_ij != 0.5 and (s_ij > 0.5) == (hidden[g * n + i] > hidden[g * n + j])
@@ -296,14 +302,13 @@ def agreement(judge, rows):
     convs = [judge_messages(r["messages"], *r["responses"]) for r in rows] + \
             [judge_messages(r["messages"], *r["responses"][::-1]) for r in rows]
     verdicts = [parse_verdict(t, judge.thinking) for t in judge.complete(convs)]
-    flip = {"A": "B", "B": "A", "C": "C"}                  # the label with the order undone
     right, decided, agree, consistent = 0, 0, 0, 0
     for r, v1, v2 in zip(rows, verdicts[:len(rows)], verdicts[len(rows):]):
-        right += (v1 == r["better"]) + (v2 == flip[r["better"]])
-        consistent += v1 is not None and v2 is not None and v1 == flip[v2]
+        right += (v1 == r["better"]) + (v2 == SWAPPED[r["better"]])
+        consistent += v1 is not None and v2 is not None and v1 == SWAPPED[v2]
         if r["better"] != "C":
             decided += 1
-            s = (preference(v1) + 1.0 - preference(v2)) / 2
+            s = pair_score(v1, v2)
             agree += s > 0.5 if r["better"] == "A" else s < 0.5
     n = max(len(rows), 1)
     return dict(pairs=len(rows), pair_agreement=agree / max(decided, 1), verdict_accuracy=right / (2 * n),

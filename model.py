@@ -1358,7 +1358,11 @@ def memory_model(config: ModelConfig, seq_len, gpus, micro_batch=1, bf16=True, a
     logprobs = T * H * a * 2 + 3 * chunk * V * 4
     train = dict(params=4 * P / gpus, grads=4 * P / gpus, adam=8 * P / gpus, gathered=a * (root + 2 * layer),
                  activations=activations, logprobs=logprobs)
-    P_judge = count_params(judge) if judge is not None else 0
+    if judge is not None:
+        with torch.device("meta"):
+            P_judge = Model(judge).num_params()["total"]
+    else:
+        P_judge = 0
     frozen = 4 * (P * ref + P_judge) / gpus
     if frozen:
         train["frozen"] = frozen
@@ -1370,20 +1374,15 @@ def memory_model(config: ModelConfig, seq_len, gpus, micro_batch=1, bf16=True, a
     return out
 
 
-def count_params(config: ModelConfig):
-    with torch.device("meta"):
-        return sum(p.numel() for p in Model(config).parameters())
-
-
-def sampling_memory(config: ModelConfig, a, rows, length, params=None):
-    """Bytes of a generate phase: the model gathered at `a` bytes a parameter, and per row the KV cache (attention
-    layers) and SSM + conv state (Mamba layers) at `length` positions."""
+def sampling_memory(config: ModelConfig, a, rows, length, params):
+    """Bytes of a generate phase: the model's `params` gathered at `a` bytes each, and per row the KV cache
+    (attention layers) and SSM + conv state (Mamba layers) at `length` positions."""
     n_attn, n_mamba = config.hybrid_override_pattern.count("*"), config.hybrid_override_pattern.count("M")
     conv_dim = config.mamba_num_heads * config.mamba_head_dim + 2 * config.n_groups * config.ssm_state_size
     kv_row = n_attn * 2 * config.num_key_value_heads * config.head_dim * a * length
     ssm_row = n_mamba * (config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * 4
                          + (config.conv_kernel - 1) * conv_dim * a)
-    out = dict(params=a * (params or count_params(config)), cache_per_row=kv_row + ssm_row, rows=rows)
+    out = dict(params=a * params, cache_per_row=kv_row + ssm_row, rows=rows)
     out["total"] = out["params"] + rows * out["cache_per_row"]
     return out
 

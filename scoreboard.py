@@ -166,8 +166,8 @@ def plot_seeds(boards, labels, png_path):
     domains = boards[0]["domains"]
     names = [r["name"] for r in boards[0]["rows"]]
     cols = min(4, len(domains))
-    fig, axes = plt.subplots(-(-len(domains) // cols), cols, figsize=(3.6 * cols, 2.9 * -(-len(domains) // cols)),
-                             squeeze=False)
+    rows = -(-len(domains) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
     for ax, dom in zip(axes.flat, domains):
         for i, row in enumerate(boards[0]["rows"]):
             if dom in row["trained"] and row["name"] != "mopd":

@@ -42,9 +42,8 @@ def normalise_answer(text: str) -> str:
 
 def longctx_reward(gold: str, answer: str) -> float:
     predicted = last_boxed(answer)
-    if predicted is None or not normalise_answer(predicted):
-        return 0.0
-    return float(normalise_answer(predicted) == normalise_answer(gold))
+    predicted = normalise_answer(predicted) if predicted is not None else ""
+    return float(bool(predicted) and predicted == normalise_answer(gold))
 
 
 def is_long_context_row(field, agent: str) -> bool:

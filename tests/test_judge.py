@@ -459,9 +459,10 @@ def test_rlhf_stage_named_errors(rlhf_dir, tmp_path):
 def test_memory_model_counts_an_in_process_judge_and_the_reference():
     import subprocess
 
-    from model import ModelConfig, count_params, memory_model
+    from model import Model, ModelConfig, memory_model
     cfg = ModelConfig.from_json(os.path.join(ROOT, "configs", "tiny_model.json"))
-    P, gpus = count_params(cfg), 2
+    with torch.device("meta"):
+        P, gpus = Model(cfg).num_params()["total"], 2
     plain = memory_model(cfg, 256, gpus)
     both = memory_model(cfg, 256, gpus, ref=True, judge=cfg, judge_rows=8, judge_len=512)
     assert "frozen" not in plain["train"] and "judge" not in plain
