@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import options
 import sample
 import tasks
 from model import Model
@@ -91,13 +92,13 @@ def pick_teachers(cascade, domains, overrides, source):
     for dom in domains:
         rows = [r for r in cascade["rows"] if dom in r["scores"] and r["name"] != "mopd"]
         if not rows:
-            raise common.ConfigError(f"{source}: no checkpoint has a score on domain {dom!r}")
+            raise options.ConfigError(f"{source}: no checkpoint has a score on domain {dom!r}")
         best = max(reversed(rows), key=lambda r: r["scores"][dom])         # max keeps the first of ties
         chosen[dom] = (best["name"], best["checkpoint"], best["scores"][dom])
     for item in overrides:
         dom, sep, who = item.partition("=")
         if not sep or dom not in chosen:
-            raise common.ConfigError(f"--teachers {item!r}: expected DOMAIN=ROW_OR_DIR with DOMAIN one of "
+            raise options.ConfigError(f"--teachers {item!r}: expected DOMAIN=ROW_OR_DIR with DOMAIN one of "
                                      f"{sorted(chosen)}")
         row = common.cascade_row(cascade, who)
         if row is not None:
@@ -105,7 +106,7 @@ def pick_teachers(cascade, domains, overrides, source):
         elif os.path.isfile(os.path.join(who, "config.json")):
             chosen[dom] = (who, who, None)
         else:
-            raise common.ConfigError(f"--teachers {item!r}: {who!r} is neither a row of {source} "
+            raise options.ConfigError(f"--teachers {item!r}: {who!r} is neither a row of {source} "
                                      f"({', '.join(r['name'] for r in cascade['rows'])}) nor an export directory")
     return chosen
 
@@ -122,7 +123,7 @@ def load_teachers(chosen, student_tokenizer, student_dir, d, cfg):
         if path in models:
             continue
         if not same_vocabulary(load_tokenizer(path), student_tokenizer):
-            raise common.ConfigError(f"teacher {name!r} for {dom} ({path}) has another vocabulary than the student "
+            raise options.ConfigError(f"teacher {name!r} for {dom} ({path}) has another vocabulary than the student "
                                      f"({student_dir}): its log-probs would score other tokens")
         models[path] = common.load_policy(path, d, cfg.bf16, trainable=False)
     return models
@@ -164,7 +165,7 @@ def main(cfg: MOPDConfig):
     d = common.init_dist(cfg.device)
     cascade = common.read_cascade(cfg.cascade)
     if not cascade["rows"]:
-        raise common.ConfigError(f"--cascade {cfg.cascade}: no such file or no rows; run rl.py first")
+        raise options.ConfigError(f"--cascade {cfg.cascade}: no such file or no rows; run rl.py first")
     if common.cascade_row(cascade, "mopd") is not None and \
             os.path.isfile(os.path.join(cfg.out_dir, "export", "config.json")):
         if d.is_main:
@@ -180,16 +181,16 @@ def main(cfg: MOPDConfig):
     domains = list(cfg.domains) or [dom for dom in cascade["domains"] if dom in have]
     unknown = [dom for dom in domains if dom not in cascade["domains"]]
     if unknown or not domains:
-        raise common.ConfigError(f"--domains: {unknown or '(none)'} not scored in {cfg.cascade} "
+        raise options.ConfigError(f"--domains: {unknown or '(none)'} not scored in {cfg.cascade} "
                                  f"(scored: {cascade['domains']})")
     weights = list(cfg.weights) or [1.0] * len(domains)
     if len(weights) != len(domains) or min(weights) < 0 or sum(weights) <= 0:
-        raise common.ConfigError(f"--weights {cfg.weights}: one non-negative weight per domain {domains}, not all zero")
+        raise options.ConfigError(f"--weights {cfg.weights}: one non-negative weight per domain {domains}, not all zero")
     if cfg.prompts_per_step % d.world_size:
-        raise common.ConfigError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world_size} "
+        raise options.ConfigError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world_size} "
                                  "processes")
     if cfg.micro_batch_tokens < 1:
-        raise common.ConfigError(f"--micro_batch_tokens {cfg.micro_batch_tokens} must be >= 1")
+        raise options.ConfigError(f"--micro_batch_tokens {cfg.micro_batch_tokens} must be >= 1")
     # held-out scores exactly as cascade.json's rows were scored (its recorded settings), so the rows compare
     ev = cascade.get("evaluation") or dict(data="data/eval.jsonl", per_domain=30, max_new_tokens=80, thinking=True)
     eval_examples = common.load_eval_examples(ev["data"], option=f"{cfg.cascade} evaluation.data",
@@ -349,4 +350,4 @@ def fmt(scores):
 
 
 if __name__ == "__main__":
-    common.run_main(main, common.parse_config(MOPDConfig, description=__doc__))
+    common.run_main(main, options.parse_config(MOPDConfig, description=__doc__))

@@ -45,6 +45,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import common
+import options
 import tasks
 
 INSTRUCTION = "Which answer is better? End with [[A]], [[B]] or [[C]] for a tie."
@@ -52,7 +53,7 @@ VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]", re.I)
 SWAPPED = {"A": "B", "B": "A", "C": "C"}    # a verdict with the two answers' order undone
 
 
-class JudgeError(common.ConfigError):
+class JudgeError(options.ConfigError):
     """The reward model cannot judge: a bad checkpoint or URL before the first step, or an endpoint that stops
     answering mid-stage. A ConfigError, so that the stage scripts end with its message, not a traceback."""
 
@@ -257,7 +258,7 @@ def check_reward_model(source, init, timeout=60.0):
                              "server?)") from None
         return dict(kind="remote", url=base, model=name)
     path = init if source == "init" else source
-    why = common.model_source(path)
+    why = options.model_source(path)
     if why or not os.path.isdir(path):
         raise JudgeError(f"reward_model {source}: {why or 'a config file, not a checkpoint directory'}")
     from model import Model
@@ -268,7 +269,7 @@ def check_reward_model(source, init, timeout=60.0):
         raise JudgeError(f"reward_model {source}: its tokenizer does not load ({e})") from None
     try:
         common.check_tokenizer(tokenizer, Model.config_from_pretrained(path), f"reward_model {source}")
-    except common.ConfigError as e:
+    except options.ConfigError as e:
         raise JudgeError(str(e)) from None
     return dict(kind="local", path=path)
 

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common
+import options
 import judge
 import sample
 import tasks
@@ -85,11 +86,11 @@ class StageConfig:
     judge_retries: int = 3  # RLHF: retries of an unanswered judgement; then the stage stops at its last checkpoint
 
     def validate(self):
-        problems = common.check_fields(self, prompt_data=common.optional(common.data_source),
-                                       max_turns=common.at_least(0), judge_max_new_tokens=common.at_least(1),
-                                       judge_batch=common.at_least(0), judge_opponents=common.at_least(0),
-                                       judge_timeout_s=common.above(0),
-                                       judge_retries=common.at_least(0))
+        problems = options.check_fields(self, prompt_data=options.optional(options.data_source),
+                                       max_turns=options.at_least(0), judge_max_new_tokens=options.at_least(1),
+                                       judge_batch=options.at_least(0), judge_opponents=options.at_least(0),
+                                       judge_timeout_s=options.above(0),
+                                       judge_retries=options.at_least(0))
         # an episode's budget holds its turns; a stage of single-turn domains has no episodes (stage_budget)
         if any(dom in tasks.ENVIRONMENTS for dom in self.domains) and self.max_episode_tokens < self.max_new_tokens:
             problems.append(f"--max_episode_tokens={self.max_episode_tokens}: must be >= max_new_tokens "
@@ -127,11 +128,11 @@ class RLConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config: run options through common.parse_config; the preset's "stages" list, one StageConfig each
+# Config: run options through options.parse_config; the preset's "stages" list, one StageConfig each
 
 
 def _stage_help():
-    comments = common._field_comments(StageConfig)
+    comments = options._field_comments(StageConfig)
     lines = [f"  {f.name} = {f.default!r}: {comments.get(f.name, '')}" for f in fields(StageConfig)]
     return "stage options (each stage of the preset's \"stages\" list; unset ones take these defaults):\n" + \
         "\n".join(lines)
@@ -156,18 +157,18 @@ def parse_args(argv=None):
     stages_raw = preset.pop("stages", [])
     where = path
     try:                                # the preset's run options and stages, checked with the file named
-        common.config_from_dict(RLConfig, preset, source=path)
+        options.config_from_dict(RLConfig, preset, source=path)
         stages = []
         for i, s in enumerate(stages_raw):
             where = f"{path}: stages[{i}]"
             if not isinstance(s, dict):
-                raise common.ConfigError("expected an object of stage options")
-            stages.append(common.config_from_dict(StageConfig, s, source=where))
+                raise options.ConfigError("expected an object of stage options")
+            stages.append(options.config_from_dict(StageConfig, s, source=where))
     except (ValueError, TypeError) as e:
         sys.exit(f"rl.py: {e}" if str(e).startswith(where) else f"rl.py: {where}: {e}")
     as_flag = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     flags = [f"--{k}={as_flag(v)}" for k, v in preset.items()]          # the command line comes after: it wins
-    cfg = common.parse_config(RLConfig, flags + rest, description=__doc__ + f"\n--config defaults to {DEFAULT_PRESET}"
+    cfg = options.parse_config(RLConfig, flags + rest, description=__doc__ + f"\n--config defaults to {DEFAULT_PRESET}"
                               " (run options as below, and \"stages\": a list of stage option dicts).\n\n" +
                               _stage_help())
     return cfg, apply_overrides(stages, cfg.set), path
@@ -185,7 +186,7 @@ def apply_overrides(stages, overrides):
         for i, s in enumerate(stages):
             if target in ("*", s.name):
                 try:
-                    stages[i] = common.config_from_dict(StageConfig, {**asdict(s), option: value},
+                    stages[i] = options.config_from_dict(StageConfig, {**asdict(s), option: value},
                                                         source=f"--set {item}")
                 except (ValueError, TypeError) as e:
                     sys.exit(f"rl.py: --set {item!r}: {e}")
@@ -195,41 +196,41 @@ def apply_overrides(stages, overrides):
 def check_stages(stages, cfg, d, source="preset"):
     """Named errors for a bad stage list, before anything is loaded."""
     if not stages:
-        raise common.ConfigError(f"{source}: no stages")
+        raise options.ConfigError(f"{source}: no stages")
     names = [s.name for s in stages]
     for i, s in enumerate(stages):
         where = f"{source}: stage {i} ({s.name!r})"
         if not re.fullmatch(r"[\w.-]+", s.name) or s.name in (cfg.init_name, "mopd"):
-            raise common.ConfigError(f"{where}: name must be a plain directory name other than "
+            raise options.ConfigError(f"{where}: name must be a plain directory name other than "
                                      f"{cfg.init_name!r} and 'mopd'")
         if names.count(s.name) > 1:
-            raise common.ConfigError(f"{where}: the name appears twice")
+            raise options.ConfigError(f"{where}: the name appears twice")
         unknown = [dom for dom in s.domains if dom not in tasks.GRADED_DOMAINS and not s.reward_model]
         if unknown or not s.domains:           # with a reward model, any domain with prompts (e.g. "sft/chat")
-            raise common.ConfigError(f"{where}: unknown domain(s) {unknown or '(none given)'}; "
+            raise options.ConfigError(f"{where}: unknown domain(s) {unknown or '(none given)'}; "
                                      f"domains with a verifier: {', '.join(tasks.GRADED_DOMAINS)}")
         if s.reward_model and set(s.domains) & set(tasks.ENVIRONMENTS):
-            raise common.ConfigError(f"{where}: the reward model judges single-turn responses; "
+            raise options.ConfigError(f"{where}: the reward model judges single-turn responses; "
                                      f"{sorted(set(s.domains) & set(tasks.ENVIRONMENTS))} are multi-turn")
         if s.weights and (len(s.weights) != len(s.domains) or min(s.weights) < 0 or sum(s.weights) <= 0):
-            raise common.ConfigError(f"{where}: weights {s.weights} must be one non-negative number per domain "
+            raise options.ConfigError(f"{where}: weights {s.weights} must be one non-negative number per domain "
                                      f"{s.domains}, not all zero")
         if s.rollouts < 2:
-            raise common.ConfigError(f"{where}: rollouts must be >= 2 (a group of one has no baseline)")
+            raise options.ConfigError(f"{where}: rollouts must be >= 2 (a group of one has no baseline)")
         if s.prompts_per_step < 1 or s.prompts_per_step % d.world_size:
-            raise common.ConfigError(f"{where}: prompts_per_step {s.prompts_per_step} must be a positive multiple of "
+            raise options.ConfigError(f"{where}: prompts_per_step {s.prompts_per_step} must be a positive multiple of "
                                      f"the {d.world_size} processes")
         if s.temperature <= 0 or not 0 < s.top_p <= 1:
-            raise common.ConfigError(f"{where}: rollouts need temperature > 0 and top_p in (0, 1]")
+            raise options.ConfigError(f"{where}: rollouts need temperature > 0 and top_p in (0, 1]")
         if s.steps < 1 or s.micro_batch_tokens < 1 or s.max_new_tokens < 1:
-            raise common.ConfigError(f"{where}: steps, micro_batch_tokens and max_new_tokens must be >= 1")
+            raise options.ConfigError(f"{where}: steps, micro_batch_tokens and max_new_tokens must be >= 1")
         if s.context < 0 or 0 < s.context <= stage_budget(s):
-            raise common.ConfigError(f"{where}: context {s.context} must be 0 (the model's) or leave room for a "
+            raise options.ConfigError(f"{where}: context {s.context} must be 0 (the model's) or leave room for a "
                                      f"prompt beside the budget of {stage_budget(s)} tokens")
     cfg.only = tuple(n for n in cfg.only if n)
     missing = [n for n in cfg.only if n not in names]
     if missing:
-        raise common.ConfigError(f"--only: no stage named {missing} in {source} (stages: {names})")
+        raise options.ConfigError(f"--only: no stage named {missing} in {source} (stages: {names})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,7 +543,7 @@ def main(cfg: RLConfig, stages: list, source="preset"):
     os.makedirs(cfg.out_dir, exist_ok=True)
     cascade_path = os.path.join(cfg.out_dir, "cascade.json")
     if not os.path.isfile(os.path.join(cfg.init, "config.json")):
-        raise common.ConfigError(f"--init {cfg.init}: not an HF export directory (config.json + safetensors); "
+        raise options.ConfigError(f"--init {cfg.init}: not an HF export directory (config.json + safetensors); "
                                  "run sft.py first")
     tokenizer = load_tokenizer(cfg.init)
     init_config = Model.config_from_pretrained(cfg.init)
@@ -592,7 +593,7 @@ def main(cfg: RLConfig, stages: list, source="preset"):
             start_from = os.path.join(cfg.out_dir, stage.name, "export")
             continue
         if cfg.only and stage.name not in cfg.only:
-            raise common.ConfigError(f"--only {','.join(cfg.only)}: stage {stage.name!r} comes first and is not "
+            raise options.ConfigError(f"--only {','.join(cfg.only)}: stage {stage.name!r} comes first and is not "
                                      "finished")
         t0 = time.perf_counter()
         start_scores = next(r["scores"] for r in common.read_cascade(cascade_path)["rows"]

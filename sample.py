@@ -59,6 +59,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import options
 from model import InferenceCache, Model
 
 
@@ -866,7 +867,7 @@ def prompt_pools(examples, domains, tokenizer, thinking, max_new_tokens, context
     for dom in domains:
         pool = [ex for ex in examples if ex["domain"] == dom]
         if not pool:
-            raise common.ConfigError(f"{source} has no prompts of domain {dom!r}")
+            raise options.ConfigError(f"{source} has no prompts of domain {dom!r}")
         prompt_ids.append([np.asarray(ids, dtype=np.int32) for ids in
                            encode_prompts(tokenizer, pool, thinking, context, max_new_tokens,
                                                  source=f"{source}, domain {dom!r}",
@@ -981,7 +982,7 @@ def _reply(model, tokenizer, messages, args, thinking, seed=None):
     return response_text(tokenizer, c, thinking), c
 
 
-class PromptTooLong(common.ConfigError):
+class PromptTooLong(options.ConfigError):
     pass
 
 
@@ -1102,10 +1103,10 @@ def main(argv=None):
     try:
         config = ModelConfig.from_path(args.ckpt)
         safetensors_shards(args.ckpt, check=True)
-        if why := common.tokenizer_source(args.tokenizer or args.ckpt):      # the checkpoint's own by default
+        if why := options.tokenizer_source(args.tokenizer or args.ckpt):      # the checkpoint's own by default
             raise ValueError(f"--tokenizer {args.tokenizer or args.ckpt}: {why}")
         examples = common.load_eval_examples(args.eval, "--eval", limit=args.limit) if args.eval else None
-        if args.eval and args.out and (why := common.writable_file(args.out)):
+        if args.eval and args.out and (why := options.writable_file(args.out)):
             raise ValueError(f"--out {args.out}: {why}")
         tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
         args.context = config.max_position_embeddings

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import options
 import sample
 import tasks
 from model import Model, ModelConfig
@@ -174,7 +175,7 @@ def mix_sources(cfg):
         except ValueError:
             w = -1
         if not name or not w > 0:
-            raise common.ConfigError(f"--train_mix: {item!r} is not SOURCE:WEIGHT with a weight > 0")
+            raise options.ConfigError(f"--train_mix: {item!r} is not SOURCE:WEIGHT with a weight > 0")
         out.append((name, name, None, w) if os.path.exists(name) else (name, cfg.train_data, name, w))
     return out
 
@@ -251,7 +252,7 @@ def _build_rows(cfg, tokenizer, sources, path, verbose):
         examples = tasks.load_examples(data, split=cfg.train_split, config=subset, verbose=verbose)
         examples = [ex for ex in examples if any(m["role"] == "assistant" for m in ex["messages"])]
         if not examples:
-            raise common.ConfigError(f"--train_data {name}: no examples with an assistant turn to train on")
+            raise options.ConfigError(f"--train_data {name}: no examples with an assistant turn to train on")
         order = np.random.default_rng(cfg.seed).permutation(len(examples))
         n_val = max(1, int(len(examples) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
         val_ex, train_ex = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
@@ -261,7 +262,7 @@ def _build_rows(cfg, tokenizer, sources, path, verbose):
         rows = pack(docs, cfg.seq_len, tokenizer.pad_id) if docs else None
         busy += _time.perf_counter() - t0
         if rows is None or not (rows[1] >= 0).any():
-            raise common.ConfigError(f"--train_data {name}: nothing to train on: " + (
+            raise options.ConfigError(f"--train_data {name}: nothing to train on: " + (
                 f"--val_fraction={cfg.val_fraction} holds out all {len(examples)} examples" if not train_ex else
                 f"no assistant token is left within --seq_len={cfg.seq_len} tokens of any row; raise --seq_len"))
         trains.append(rows)
@@ -334,7 +335,7 @@ def load_tokenizer_for(cfg):
 def main(cfg: SFTConfig):
     # every option, the held-out set and the out_dir are checked before any work (parse_config checked the
     # options already; a config built in code is checked here)
-    common.check_config(cfg)
+    options.check_config(cfg)
     eval_examples = (common.load_eval_examples(cfg.eval_data, "--eval_data", cfg.eval_per_domain)
                      if cfg.eval_data else None)
     model_config = ModelConfig.from_path(cfg.model)
@@ -343,7 +344,7 @@ def main(cfg: SFTConfig):
     common.seed_everything(cfg.seed)
     tokenizer = load_tokenizer_for(cfg)
     if tokenizer.vocab_size > model_config.vocab_size:
-        raise common.ConfigError(f"--tokenizer {cfg.tokenizer or cfg.model} has {tokenizer.vocab_size} tokens but "
+        raise options.ConfigError(f"--tokenizer {cfg.tokenizer or cfg.model} has {tokenizer.vocab_size} tokens but "
                                  f"the model's vocab_size is {model_config.vocab_size}")
     if eval_examples:                       # the final score's prompts fit the context (checked before training)
         sample.encode_prompts(tokenizer, eval_examples, cfg.thinking, model_config.max_position_embeddings,
@@ -471,4 +472,4 @@ def score_export(export_dir, examples, max_new_tokens, thinking, out_json, devic
 
 
 if __name__ == "__main__":
-    common.run_main(main, common.parse_config(SFTConfig, description=__doc__))
+    common.run_main(main, options.parse_config(SFTConfig, description=__doc__))

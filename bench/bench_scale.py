@@ -6,7 +6,7 @@ The real-scale path, measured on CPU and modelled at size.
    fresh process. Run it with PYTHONPATH at another checkout to get that tree's figures (before/after):
        python bench/bench_scale.py step
        git archive REV | tar -x -C /tmp/before && PYTHONPATH=/tmp/before python bench/bench_scale.py step
-2. The memory model (model.memory_model) for the 30B presets on 8 GPUs, against 8 x H200 (141 GB) and
+2. The memory model (memory.memory_model) for the 30B presets on 8 GPUs, against 8 x H200 (141 GB) and
    8 x H100 (80 GB):
        python bench/bench_scale.py table
 """
@@ -51,7 +51,8 @@ PRESETS = [("sft_nano_30b (seq_len from the preset)", None, 1),
 
 
 def table():
-    from model import ModelConfig, memory_model
+    from memory import memory_model
+    from model import ModelConfig
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = ModelConfig.from_json(os.path.join(root, "configs", "nemotron3_nano_30b_a3b.json"))
     with open(os.path.join(root, "configs", "sft_nano_30b.json")) as f:

@@ -14,6 +14,7 @@ import time
 import pytest
 
 import common
+import options
 import sample
 import sft
 import tasks
@@ -73,7 +74,7 @@ def good(tmp_path_factory):
     (d / "a_file").write_text("not a directory")
 
     run = d / "run"
-    sft.main(common.parse_config(sft.SFTConfig, argv(d, max_steps=2, eval_data=d / "eval.jsonl")))
+    sft.main(options.parse_config(sft.SFTConfig, argv(d, max_steps=2, eval_data=d / "eval.jsonl")))
     export = run / "export"
     (d / "scores.json").write_text('{"good": true}\n')
 
@@ -164,7 +165,7 @@ def test_sft_bad_input(good, case, opts, words, monkeypatch, capsys):
     t0 = time.perf_counter()
     with pytest.raises((SystemExit, ValueError)) as e:            # option errors exit; the rest are ConfigError,
                                                                    # ExampleError (common.run_main: exit 2 too)
-        sft.main(common.parse_config(sft.SFTConfig, argv(good["d"], **{k: fill(v, good) for k, v in opts.items()})))
+        sft.main(options.parse_config(sft.SFTConfig, argv(good["d"], **{k: fill(v, good) for k, v in opts.items()})))
     seconds = time.perf_counter() - t0
     message = capsys.readouterr().err if e.type is SystemExit else str(e.value)
     if e.type is SystemExit:
@@ -186,8 +187,8 @@ def test_seq_len_too_short_names_seq_len_before_the_model(good, monkeypatch):
     """No assistant token survives in any row: stopped after packing, before a model exists (not as a NaN)."""
     monkeypatch.setattr(sft, "build_model", lambda *a: pytest.fail("built the model"))
     before = snapshot(good["run"])
-    with pytest.raises(common.ConfigError, match=r"--seq_len=16"):
-        sft.main(common.parse_config(sft.SFTConfig, argv(good["d"], seq_len=16)))
+    with pytest.raises(options.ConfigError, match=r"--seq_len=16"):
+        sft.main(options.parse_config(sft.SFTConfig, argv(good["d"], seq_len=16)))
     assert snapshot(good["run"]) == before
 
 
@@ -200,8 +201,8 @@ def test_busy_out_dir_names_the_other_process(good):
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(good["run"])
-        with pytest.raises(common.ConfigError, match=rf"in use by pid {holder.pid} on "):
-            sft.main(common.parse_config(sft.SFTConfig, argv(good["d"])))
+        with pytest.raises(options.ConfigError, match=rf"in use by pid {holder.pid} on "):
+            sft.main(options.parse_config(sft.SFTConfig, argv(good["d"])))
         assert snapshot(good["run"]) == before
     finally:
         holder.kill()
@@ -209,11 +210,11 @@ def test_busy_out_dir_names_the_other_process(good):
 
 
 def test_bare_boolean_flag_means_true_and_json_types_are_checked(tmp_path):
-    cfg = common.parse_config(sft.SFTConfig, ["--activation_checkpointing", "--thinking", "false"])
+    cfg = options.parse_config(sft.SFTConfig, ["--activation_checkpointing", "--thinking", "false"])
     assert cfg.activation_checkpointing is True and cfg.thinking is False
     (tmp_path / "preset.json").write_text(json.dumps({"seq_len": "long"}))
     with pytest.raises(SystemExit):
-        common.parse_config(sft.SFTConfig, [f"--config={tmp_path / 'preset.json'}"])
+        options.parse_config(sft.SFTConfig, [f"--config={tmp_path / 'preset.json'}"])
 
 
 def test_a_stage_adds_its_own_checks_in_one_line():
@@ -227,15 +228,15 @@ def test_a_stage_adds_its_own_checks_in_one_line():
         group_size: int = 0
 
         def validate(self):
-            return common.check_fields(self, group_size=common.at_least(1))
+            return options.check_fields(self, group_size=options.at_least(1))
 
-    with pytest.raises(common.ConfigError) as e:
-        common.check_config(StageConfig())
+    with pytest.raises(options.ConfigError) as e:
+        options.check_config(StageConfig())
     assert "2 problem(s)" in str(e.value) and "--lr=-1.0: must be > 0" in str(e.value)
     assert "--group_size=0: must be >= 1" in str(e.value)
-    assert common.config_from_dict(StageConfig, {"lr": -2.0}, check=False).lr == -2.0   # a partial preset
-    with pytest.raises(common.ConfigError, match="--lr=-2.0"):
-        common.config_from_dict(StageConfig, {"lr": -2.0, "group_size": 1})
+    assert options.config_from_dict(StageConfig, {"lr": -2.0}, check=False).lr == -2.0   # a partial preset
+    with pytest.raises(options.ConfigError, match="--lr=-2.0"):
+        options.config_from_dict(StageConfig, {"lr": -2.0, "group_size": 1})
 
 
 # sample.py: (id, argv after --ckpt, words); the checkpoint is the good run's export unless the argv names one
@@ -333,9 +334,9 @@ def test_readme_commands(monkeypatch, capsys):
     """The docs' 2-process SFT command fits its global batch; the README's test command selects tests; --help only
     helps."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert common.parse_config(sft.SFTConfig, ["--micro_batch=4"]).micro_batch == 4
+    assert options.parse_config(sft.SFTConfig, ["--micro_batch=4"]).micro_batch == 4
     with pytest.raises(SystemExit):
-        common.parse_config(sft.SFTConfig, [])
+        options.parse_config(sft.SFTConfig, [])
     assert "--micro_batch=4" in capsys.readouterr().err               # the error says what would be right
     readme = open(os.path.join(ROOT, "README.md")).read()
     scale_page = open(os.path.join(ROOT, "docs", "sft-and-scale.md")).read()
@@ -391,7 +392,7 @@ def test_run_main_frees_the_out_dir_when_the_stage_fails(tmp_path):
     that lives on, the next run into it would otherwise be told the directory is busy, by this very process)."""
     def stage(out_dir):
         common.claim_out_dir(out_dir, "sft")
-        raise common.ConfigError("--train_data: a bad row")
+        raise options.ConfigError("--train_data: a bad row")
     with pytest.raises(SystemExit) as e:
         common.run_main(stage, tmp_path / "run")
     assert e.value.code == 2

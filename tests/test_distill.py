@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import options
 import distill
 import sample
 from model import Model
@@ -143,7 +144,7 @@ def test_teachers_row_resume_and_skip(cascade_dir, capsys):
     killed = run_killing_group(cmd + mopd_args(root, "resumed", inject_kill_at_step=2), env=env)
     assert killed.returncode == -9
     args = mopd_args(root, "resumed")
-    cascade = distill.main(common.parse_config(distill.MOPDConfig, args))          # resumes in-process
+    cascade = distill.main(options.parse_config(distill.MOPDConfig, args))          # resumes in-process
     assert "resuming from" in capsys.readouterr().out
     losses = lambda out: [(r["step"], r["loss"], r["reverse_kl"]) for r in
                           common.read_metrics(root / out / "metrics.jsonl") if "loss" in r]
@@ -154,7 +155,7 @@ def test_teachers_row_resume_and_skip(cascade_dir, capsys):
     assert cascade["evaluation"]["per_domain"] == 1                    # scored as the rows before it were
     Model.from_pretrained(row["checkpoint"])
     assert os.path.isfile(root / "resumed" / "curves.png")
-    distill.main(common.parse_config(distill.MOPDConfig, args))                    # finished: skipped
+    distill.main(options.parse_config(distill.MOPDConfig, args))                    # finished: skipped
     assert "finished earlier" in capsys.readouterr().out
 
 
@@ -174,9 +175,9 @@ def test_refuses_a_teacher_with_another_vocabulary(cascade_dir):
     other = toy_export(root / "other", {4: 0.0})
     train_bpe(["a tiny other vocabulary"] * 20, vocab_size=300).save_pretrained(other)
     with pytest.raises(ValueError, match=r"teacher .*other.* has another vocabulary than the student .*a\)"):
-        distill.main(common.parse_config(distill.MOPDConfig, mopd_args(root, teachers=f"mcqa={other}")))
+        distill.main(options.parse_config(distill.MOPDConfig, mopd_args(root, teachers=f"mcqa={other}")))
     with pytest.raises(ValueError, match="neither a row of"):
-        distill.main(common.parse_config(distill.MOPDConfig, mopd_args(root, teachers="mcqa=nope")))
+        distill.main(options.parse_config(distill.MOPDConfig, mopd_args(root, teachers="mcqa=nope")))
 
 
 def test_two_processes_distill(cascade_dir):

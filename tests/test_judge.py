@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import options
 import judge
 import rl
 import tasks
@@ -444,22 +445,23 @@ def test_rlhf_stage_in_process_judge_and_a_judge_that_stops_answering(rlhf_dir, 
 
 def test_rlhf_stage_named_errors(rlhf_dir, tmp_path):
     root = rlhf_dir
-    with pytest.raises(common.ConfigError, match=r"stage 'rlhf': reward_model .*nowhere: no such checkpoint"):
+    with pytest.raises(options.ConfigError, match=r"stage 'rlhf': reward_model .*nowhere: no such checkpoint"):
         rl.main(*rl.parse_args(rlhf_args(root, "err1", str(tmp_path / "nowhere"))))
     assert not os.path.exists(root / "err1" / "rlhf")                           # before any model loaded
     bad = dict(RLHF_STAGE, domains=["chat", "agent"], reward_model="init")
     (tmp_path / "p.json").write_text(json.dumps(dict(stages=[bad])))
-    with pytest.raises(common.ConfigError, match=r"judges single-turn responses; \['agent'\] are multi-turn"):
+    with pytest.raises(options.ConfigError, match=r"judges single-turn responses; \['agent'\] are multi-turn"):
         rl.main(*rl.parse_args(rlhf_args(root, "err2", "init", config=tmp_path / "p.json")))
     (tmp_path / "p.json").write_text(json.dumps(dict(stages=[dict(RLHF_STAGE, domains=["sft/chat"])])))
-    with pytest.raises(common.ConfigError, match=r"unknown domain\(s\) \['sft/chat'\]"):    # no judge, no verifier
+    with pytest.raises(options.ConfigError, match=r"unknown domain\(s\) \['sft/chat'\]"):    # no judge, no verifier
         rl.main(*rl.parse_args(rlhf_args(root, "err3", "", config=tmp_path / "p.json")))
 
 
 def test_memory_model_counts_an_in_process_judge_and_the_reference():
     import subprocess
 
-    from model import Model, ModelConfig, memory_model
+    from memory import memory_model
+    from model import Model, ModelConfig
     cfg = ModelConfig.from_json(os.path.join(ROOT, "configs", "tiny_model.json"))
     with torch.device("meta"):
         P, gpus = Model(cfg).num_params()["total"], 2

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import common
+import options
 import model as model_module
+import memory
 import rl
 import sample
 import tasks
@@ -190,16 +192,16 @@ def test_long_prompt_rollout_equals_the_full_forward_argmax_chain_without_a_dens
 def test_the_30b_preset_trains_longctx_in_its_long_context_stage():
     preset = os.path.join(ROOT, "configs", "rl_nano_30b.json")
     with open(preset) as f:
-        stages = [common.config_from_dict(rl.StageConfig, s, source=preset) for s in json.load(f)["stages"]]
+        stages = [options.config_from_dict(rl.StageConfig, s, source=preset) for s in json.load(f)["stages"]]
     stage = next(s for s in stages if s.name == "long-context-rl")
     assert stage.domains == ("longctx",) and stage.steps == 30 and stage.context > stage.micro_batch_tokens
     cfg = rl.RLConfig()
     rl.check_stages(stages, cfg, common.Dist(world_size=8))
     nano = model_module.ModelConfig.from_json(os.path.join(ROOT, "configs", "nemotron3_nano_30b_a3b.json"))
     # one rollout of the whole context per forward; sample_batch prompts x rollouts sampled at that context
-    assert model_module.stage_memory_shape(preset + ":long-context-rl", nano, 8) == (
+    assert memory.stage_memory_shape(preset + ":long-context-rl", nano, 8) == (
         stage.context, 1, stage.sample_batch * stage.rollouts, stage.context)
-    with pytest.raises(common.ConfigError, match="leave room for a prompt"):
+    with pytest.raises(options.ConfigError, match="leave room for a prompt"):
         rl.check_stages([rl.StageConfig(name="x", domains=("longctx",), max_new_tokens=512, context=512)], cfg,
                         common.Dist())
     with pytest.raises(sample.PromptTooLong, match="longctx"):        # the stage's context bounds its prompts

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import options
 import rl
 import sample
 import tasks
@@ -326,7 +327,7 @@ def test_cascade_json_rows_and_skip_on_rerun(toy_run_dir, capsys, monkeypatch):
     assert "a]: finished earlier" in capsys.readouterr().out
     assert not [src for src in encoded if "stage '" in src]            # finished stages: nothing encoded
     assert again == cascade and os.path.getmtime(root / "full" / "b" / "metrics.jsonl") == mtime
-    with pytest.raises(common.ConfigError, match="rows were scored with .*per_domain': 1.* not .*per_domain': 2"):
+    with pytest.raises(options.ConfigError, match="rows were scored with .*per_domain': 1.* not .*per_domain': 2"):
         run_rl(root, "full", eval_per_domain=2)                       # rows scored otherwise would not compare
 
 

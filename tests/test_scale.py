@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import options
 import sft
 from model import Model
 from tests.conftest import small_config
@@ -377,7 +378,8 @@ def test_mamba_memory_per_token_is_bounded():
 MEMORY_SCRIPT = """
 import json, resource, sys, torch
 torch.set_num_threads(1)
-from model import Model, ModelConfig, memory_model
+from memory import memory_model
+from model import Model, ModelConfig
 ac, T = sys.argv[1] == "1", int(sys.argv[2])
 cfg = ModelConfig(vocab_size=4096, hidden_size=256, hybrid_override_pattern="MEM*EMEM*E", num_attention_heads=8,
                   num_key_value_heads=2, head_dim=32, mamba_num_heads=16, mamba_head_dim=32, n_groups=2,
@@ -437,7 +439,7 @@ def test_memory_cli_prints_train_and_sample_bytes():
 
 def _data_cfg(run_dir, **kw):  # noqa: F811
     from tests.test_sft import args_for
-    return common.parse_config(sft.SFTConfig, args_for(run_dir, cache_dir=run_dir / "cache", **kw))
+    return options.parse_config(sft.SFTConfig, args_for(run_dir, cache_dir=run_dir / "cache", **kw))
 
 
 def test_data_cache_is_reused_and_rebuilt_when_its_key_changes(run_dir, tok, monkeypatch):  # noqa: F811
@@ -471,7 +473,7 @@ def test_mixture_weights_set_each_sources_share_of_an_epoch(run_dir, tok):  # no
     assert from_a == 3 * na and len(epoch) - from_a == round(0.5 * nb)
     assert sorted(set(epoch[epoch < na].tolist())) == list(range(na))          # every row of a, three times
     assert sft.rows_for_step(1, 4, len(train[0]), 0, mix) == epoch[4:8].tolist()
-    with pytest.raises(common.ConfigError, match="SOURCE:WEIGHT"):
+    with pytest.raises(options.ConfigError, match="SOURCE:WEIGHT"):
         sft.mix_sources(types.SimpleNamespace(train_mix="a.jsonl", train_data="", train_subset=""))
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import options
 import sft
 import tasks
 from model import Model, ModelConfig
@@ -48,7 +49,7 @@ def args_for(run_dir, out="out", **kw):
 
 
 def run_inprocess(run_dir, **kw):
-    return sft.main(common.parse_config(sft.SFTConfig, args_for(run_dir, **kw)))
+    return sft.main(options.parse_config(sft.SFTConfig, args_for(run_dir, **kw)))
 
 
 def run_subprocess(run_dir, nproc=1, **kw):
@@ -237,15 +238,15 @@ ck.save(2, model, opt, dict(rows_seen=8))
 
 def test_bad_options_and_data_give_named_errors(run_dir, capsys):
     with pytest.raises(SystemExit):
-        common.parse_config(sft.SFTConfig, ["--learning_rate=1"])
+        options.parse_config(sft.SFTConfig, ["--learning_rate=1"])
     err = capsys.readouterr().err
     assert "--learning_rate" in err and "--lr" in err and "--global_batch" in err
     with pytest.raises(SystemExit):
-        common.parse_config(sft.SFTConfig, ["--max_steps=many"])
+        options.parse_config(sft.SFTConfig, ["--max_steps=many"])
     assert "--max_steps: expected int" in capsys.readouterr().err
     (run_dir / "preset.json").write_text(json.dumps({"lr": 1e-4, "nope": 1}))
     with pytest.raises(SystemExit):
-        common.parse_config(sft.SFTConfig, [f"--config={run_dir / 'preset.json'}"])
+        options.parse_config(sft.SFTConfig, [f"--config={run_dir / 'preset.json'}"])
     assert "nope" in capsys.readouterr().err
 
     with pytest.raises(SystemExit):                                     # caught by the config check, up front
@@ -264,10 +265,10 @@ def test_bad_options_and_data_give_named_errors(run_dir, capsys):
 
 def test_config_precedence_and_help_lists_every_field(run_dir, capsys):
     (run_dir / "preset.json").write_text(json.dumps({"lr": 1e-4, "seq_len": 64, "betas": [0.9, 0.95]}))
-    cfg = common.parse_config(sft.SFTConfig, [f"--config={run_dir / 'preset.json'}", "--lr=5e-5"])
+    cfg = options.parse_config(sft.SFTConfig, [f"--config={run_dir / 'preset.json'}", "--lr=5e-5"])
     assert (cfg.lr, cfg.seq_len, cfg.betas, cfg.global_batch) == (5e-5, 64, (0.9, 0.95), 8)
     with pytest.raises(SystemExit):
-        common.parse_config(sft.SFTConfig, ["--help"])
+        options.parse_config(sft.SFTConfig, ["--help"])
     out = " ".join(capsys.readouterr().out.split())                      # undo argparse's line wrapping
     for f in sft.SFTConfig.__dataclass_fields__.values():
         assert f"--{f.name}" in out and f"(default: {f.default!r})" in out, f.name
