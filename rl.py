@@ -41,8 +41,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common
-import options
 import judge
+import options
 import sample
 import tasks
 from model import Model

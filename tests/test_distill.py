@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import common
-import options
 import distill
+import options
 import sample
 from model import Model
 from tests.test_rl import (AGENT_ROW, D1, one_thread, random_model, run_torchrun,  # noqa: F401 (one_thread: autouse)

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import common
-import options
 import judge
+import options
 import rl
 import tasks
 from model import Model
-from tests.test_rl import ROOT, run_killing_group, tiny_config, toy_export
+from tests.test_rl import ROOT, run_killing_group, run_torchrun, tiny_config, toy_export
 from tokenizer import encode_chat, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -406,6 +406,23 @@ def test_rlhf_stage_resumes_after_a_kill_with_identical_rewards(rlhf_dir, whole_
     assert all(judgements > 0 for *_, judgements, _, _ in log)
     rows = json.loads((root / "resumed" / "cascade.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["sft", "rlhf"] and set(rows[-1]["scores"]) == {"chat"}
+
+
+def test_rlhf_stage_under_torchrun_resumes_after_a_kill_with_identical_rewards(rlhf_dir, server):
+    """Two processes (each judges its own groups through the endpoint): SIGKILL-ed at step 2 and rerun, the
+    stage's per-step losses, rewards and judge counts equal those of the uninterrupted two-process stage."""
+    root = rlhf_dir
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    run = lambda args: run_torchrun([os.path.join(ROOT, "rl.py")] + args, env)       # noqa: E731
+    whole = run(rlhf_args(root, "whole2", server.url))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = run(rlhf_args(root, "resumed2", server.url, inject_kill_at_step=2))
+    assert killed.returncode != 0 and not os.path.exists(root / "resumed2" / "rlhf" / "export")
+    resumed = run(rlhf_args(root, "resumed2", server.url))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = judged_log(root / "whole2")
+    assert judged_log(root / "resumed2") == log and len(log) == 3
+    assert any(loss != 0 for _, loss, *_ in log) and all(judgements > 0 for *_, judgements, _, _ in log)
 
 
 def test_rlhf_stage_in_process_judge_and_a_judge_that_stops_answering(rlhf_dir, toy_judge, whole_log):
