@@ -571,29 +571,36 @@ def check_tokenizer(tokenizer, model_config, where):
                              f"the data is rendered with needs") from None
 
 
-def rollout_lengths(prompts, completions):
-    """Tokens each rollout puts in a packed row: its prompt and completion, less the last token (it predicts
-    nothing)."""
-    return [len(p) + len(c.tokens) - 1 for p, c in zip(prompts, completions)]
-
-
-def token_micro_batches(lengths, max_tokens, d: "Dist"):
+def micro_batches(prompts, completions, max_tokens, d: "Dist"):
     """
-    The rollouts of one step (lengths from rollout_lengths) grouped into micro-batches of at most max_tokens
-    tokens each, one packed row per forward/backward: first-fit by decreasing length (a rollout longer than
-    max_tokens gets a micro-batch of its own). Every process gets the same number (FSDP's collectives must pair
-    up: a process with fewer runs empty ones). Returns lists of indices into lengths, each in ascending order.
-    A budget in tokens, not in rollouts, bounds activation memory however the lengths vary, and packs short
-    rollouts together: fewer forwards (each gathers every layer's shards under FSDP) and no padding computed.
+    The rollouts of one step in micro-batches of at most max_tokens tokens, one forward/backward each (see
+    rollout_logprobs): the rollouts of one prompt (a GRPO group, MOPD's rollouts of a prompt) go together and run
+    their prompt once. A micro-batch counts the tokens its forward computes (forward_tokens: padding included
+    where the prompt runs once).
+    First-fit by decreasing size; a prompt whose rollouts do not fit one micro-batch is split over several (each
+    runs the prompt again), and a single rollout longer than max_tokens gets one of its own. A budget in tokens,
+    not in rollouts, bounds activation memory however the lengths vary. Every process gets the same number of
+    micro-batches (FSDP's collectives must pair up: a process with fewer runs empty ones). Returns lists of
+    indices into completions, each in ascending order.
     """
-    bins, room = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        b = next((b for b, r in enumerate(room) if lengths[i] <= r), None)
+    clen = lambda i: len(completions[i].tokens)                             # noqa: E731
+    size = lambda rows: forward_tokens([prompts[i] for i in rows], [completions[i] for i in rows])[0]  # noqa: E731
+    groups = {}
+    for i in sorted(range(len(prompts)), key=lambda i: (-clen(i), i)):     # longest first: like lengths together
+        groups.setdefault(tuple(prompts[i]), []).append(i)
+    units = []
+    for rows in groups.values():
+        units.append([])
+        for i in rows:
+            if units[-1] and size(units[-1] + [i]) > max_tokens:
+                units.append([])
+            units[-1].append(i)
+    bins = []
+    for unit in sorted(units, key=lambda u: (-size(u), u[0])):
+        b = next((b for b in bins if size(b + unit) <= max_tokens), None)
         if b is None:
-            bins.append([]), room.append(max_tokens)
-            b = len(bins) - 1
-        bins[b].append(i)
-        room[b] -= lengths[i]
+            bins.append(b := [])
+        b += unit
     n = torch.tensor(float(len(bins)), device=d.device)
     if d.world_size > 1:
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
@@ -602,20 +609,42 @@ def token_micro_batches(lengths, max_tokens, d: "Dist"):
 
 def rollout_logprobs(model, prompts, completions, device, pad_id=0):
     """
-    log pi of every completion token, from one packed row: rollout i (its prompt and completion, less the last
-    token) is document i of the row, and doc_ids keep the documents apart (attention and the Mamba state restart
-    at each), so no padding is computed. Through model(..., targets=...), so FSDP's hooks fire and the logits are
-    taken in vocab-sized chunks; differentiable unless called under no_grad.
-    Returns (lp [n, C], mask [n, C] bool), C the longest completion: lp[i, t] = log pi(completion_i[t] | prompt_i,
-    completion_i[:t]) where mask[i, t], else 0. mask is the completion's own mask where it has one (a multi-turn
-    episode: the environment's tokens are context, never trained), else every completion token. No rollouts (an
-    empty pass, see token_micro_batches): the model still runs, on two padding tokens, and lp is [0, 1], so a loss
-    summed over it is 0 with a full backward.
+    log pi of every completion token. Returns (lp [n, C], mask [n, C] bool), C the longest completion: lp[i, t] =
+    log pi(completion_i[t] | prompt_i, completion_i[:t]) where mask[i, t], else 0. mask is the completion's own
+    mask where it has one (a multi-turn episode: the environment's tokens are context, never trained), else every
+    completion token. Through model(..., targets=...), so FSDP's hooks fire and the logits are taken in
+    vocab-sized chunks; differentiable unless called under no_grad.
+    Rollouts that share a prompt run it once (shared_prompt_logprobs) where that computes fewer tokens
+    (forward_tokens); otherwise they are packed into one row (packed_logprobs): rollout i (its prompt and
+    completion, less the last token) is document i of the row, and doc_ids keep the documents apart (attention
+    and the Mamba state restart at each), so no padding is computed.
+    No rollouts (an empty pass, see micro_batches): the model still runs, on two padding tokens, and lp is
+    [0, 1], so a loss summed over it is 0 with a full backward.
     """
+    shared = forward_tokens(prompts, completions)[1]
+    return (shared_prompt_logprobs if shared else packed_logprobs)(model, prompts, completions, device, pad_id)
+
+
+def forward_tokens(prompts, completions):
+    """(tokens, shared): the tokens rollout_logprobs computes for these rollouts, and whether it runs each
+    distinct prompt once. Shared: the distinct prompts left-padded to the longest, and every completion
+    right-padded to the longest; packed: each rollout whole. The shared layout is taken when it computes under
+    90% of the packed row's tokens (its two passes cost a little more per token): the prompt repeated n times
+    outweighs the completions' padding for long prompts (tool schemas, documents), not for short ones."""
+    if not completions:
+        return 0, False
+    packed = sum(len(p) + len(c.tokens) - 1 for p, c in zip(prompts, completions))
+    distinct = {tuple(p) for p in prompts}
+    shared = len(distinct) * max(len(p) - 1 for p in distinct) + len(completions) * max(
+        [len(c.tokens) for c in completions] + [2])
+    return (shared, True) if shared < 0.9 * packed else (packed, False)
+
+
+def packed_logprobs(model, prompts, completions, device, pad_id=0):
+    """rollout_logprobs with every rollout a document of one packed row (its prompt and completion)."""
     C = max([len(c.tokens) for c in completions] + [1])
     ids, targets, doc_ids = [], [], []
     where = torch.zeros(len(completions), C, dtype=torch.long)      # the row position that predicts each token
-    mask = torch.zeros(len(completions), C, dtype=torch.bool)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         k, first = len(c.tokens), len(ids) + len(p) - 1               # first: the prompt's last position
         doc = (list(p) + list(c.tokens))[:-1]
@@ -623,13 +652,65 @@ def rollout_logprobs(model, prompts, completions, device, pad_id=0):
         targets += [-100] * (len(p) - 1) + list(c.tokens)
         doc_ids += [i] * len(doc)
         where[i, :k] = torch.arange(first, first + k)
-        mask[i, :k] = True if c.mask is None else torch.tensor(c.mask, dtype=torch.bool)
     if not ids:
         ids, targets, doc_ids = [pad_id] * 2, [-100] * 2, [0] * 2
-    row = lambda x: torch.tensor([x], dtype=torch.long, device=device)
+    row = lambda x: torch.tensor([x], dtype=torch.long, device=device)       # noqa: E731
     lp = model(row(ids), doc_ids=row(doc_ids), targets=row(targets))[0]
-    mask = mask.to(device)
+    mask = completion_mask(completions, C).to(device)
     return lp[where.to(device)] * mask, mask
+
+
+def shared_prompt_logprobs(model, prompts, completions, device, pad_id=0):
+    """
+    rollout_logprobs for rollouts that share prompts, each prompt run once: pass 1 runs every distinct prompt but
+    its last token (left-padded) into a cache; the cache's rows are repeated, one per rollout; pass 2 continues
+    each row with its prompt's last token and its completion but the last (right-padded: padding after a row's
+    tokens changes none of them), and scores the completion. Under autograd the cache hands the prompt's
+    attention keys and values and its Mamba state to pass 2 as tensors of the graph, so the gradient reaches the
+    prompt's pass once, summed over its rollouts: a group of n rollouts of a P-token prompt costs P + sum |o_i|
+    tokens instead of n P + sum |o_i|. Equal to the packed row up to float rounding (tests/test_rl.py).
+    """
+    from model import Mamba2Mixer
+
+    distinct = {}
+    which = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    heads = list(distinct)                                          # the distinct prompts, first-seen order
+    # every forward here has 2 or more tokens: one token would be a decode step, which writes the cache in place
+    P, C = max(len(h) for h in heads) - 1, max([len(c.tokens) for c in completions] + [2])
+    P = max(P, 2) if P else 0
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)     # noqa: E731
+    cache, anchor = model.new_cache(len(heads), P + C), 0.0
+    rows = t([[pad_id] * (P + 1 - len(h)) + list(h) for h in heads])      # each prompt whole, left-padded
+    valid = t([[0] * (P + 1 - len(h)) + [1] * len(h) for h in heads])
+    # pass 1 in pieces of about segment_tokens (a long prompt's Mamba working set stays one segment's, as in the
+    # packed row), each continuing the cache. FSDP2 gathers a layer's weights for backward when the gradient
+    # reaches that layer's output; the gradient of pass 2 enters pass 1 through the cache, which bypasses the
+    # outputs of its last layers. So each piece scores its last position (the next prompt token) and joins the
+    # loss with weight 0 (anchor): every layer's output is then on the gradient's path, and the engine reaches it
+    # before the weights that made the cache
+    ends = list(range(Mamba2Mixer.segment_tokens, P, Mamba2Mixer.segment_tokens)) + [P] if P else []
+    if len(ends) > 1 and ends[-1] - ends[-2] < 2:
+        ends.pop(-2)
+    for s, e in zip([0] + ends, ends):
+        targets = torch.full_like(rows[:, s:e], -100)
+        targets[:, -1] = rows[:, e].masked_fill(valid[:, e - 1] == 0, -100)
+        lp = model(rows[:, s:e], attention_mask=valid[:, s:e], cache=cache, targets=targets)
+        anchor = anchor + 0.0 * lp[:, -1].sum()
+    cache.select(t(which))
+    ids = t([[p[-1]] + list(c.tokens[:-1]) + [pad_id] * (C - len(c.tokens)) for p, c in zip(prompts, completions)])
+    targets = t([list(c.tokens) + [-100] * (C - len(c.tokens)) for c in completions])
+    C_out = max(len(c.tokens) for c in completions)
+    lp = (model(ids, cache=cache, targets=targets) + anchor)[:, :C_out]
+    mask = completion_mask(completions, C_out).to(device)
+    return lp * mask, mask
+
+
+def completion_mask(completions, C):
+    """[n, C] bool: the completion tokens that train (a multi-turn episode's own mask: the policy's tokens)."""
+    mask = torch.zeros(len(completions), C, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        mask[i, :len(c.tokens)] = True if c.mask is None else torch.tensor(c.mask, dtype=torch.bool)
+    return mask
 
 
 def start_or_resume(model, out_dir, d: Dist, name, lr, betas, weight_decay, keep_last=2, wandb_project=None,

@@ -52,7 +52,7 @@ class MOPDConfig:
     steps: int = 40  # optimizer steps, one per batch
     prompts_per_step: int = 8  # prompts per batch, across processes
     rollouts: int = 4  # student completions per prompt
-    micro_batch_tokens: int = 4096  # tokens per forward/backward on each process: rollouts packed in one row
+    micro_batch_tokens: int = 4096  # tokens per forward/backward on each process (a prompt counted once for its rollouts)
     # half the tiny RL stages' 1e-4 (the paper too steps MOPD below its RL, 2e-6 against 3e-6): the student starts
     # near its teachers, and at 1e-4 its held-out scores wandered by up to 5 points over 20 steps (measured)
     lr: float = 5e-5  # peak learning rate (paper: 2e-6)
@@ -301,7 +301,7 @@ def score_with_teachers(teachers, teacher_of, prompts, outs, row_domains, micro_
     for model in teachers.values():
         mine = [i for i, dom in enumerate(row_domains) if teacher_of[dom] is model]
         p_mine, o_mine = [prompts[i] for i in mine], [outs[i] for i in mine]
-        for rows in common.token_micro_batches(common.rollout_lengths(p_mine, o_mine), micro_batch_tokens, d):
+        for rows in common.micro_batches(p_mine, o_mine, micro_batch_tokens, d):
             lp, mask = common.rollout_logprobs(model, [p_mine[j] for j in rows], [o_mine[j] for j in rows],
                                                d.device, pad_id)
             for j, row, msk in zip(rows, lp.float().cpu(), mask.cpu()):
@@ -310,14 +310,14 @@ def score_with_teachers(teachers, teacher_of, prompts, outs, row_domains, micro_
 
 
 def train_step(model, prompts, outs, teacher_lp, row_domains, domains, cfg, d, pad_id):
-    """The gradient of Eq. 4 over this process's rollouts, packed into rows of at most cfg.micro_batch_tokens
-    tokens (the caller steps), and the step's statistics: the loss, the reverse-KL estimate per domain (mean of
+    """The gradient of Eq. 4 over this process's rollouts, in micro-batches of at most cfg.micro_batch_tokens
+    tokens (common.micro_batches; the caller steps), and the step's statistics: the loss, the reverse-KL estimate per domain (mean of
     -a_t over its tokens), the share of tokens whose weight was cut."""
     n_seq = common.all_reduce_sum(torch.tensor(float(len(outs)), device=d.device), d)
     sums = torch.zeros(len(domains), 2, dtype=torch.float64)          # sum of -a_t, token count, per domain
     cut, n_tok, ratio_sum = 0.0, 0.0, 0.0
     loss_sum = torch.zeros((), device=d.device)
-    for rows in common.token_micro_batches(common.rollout_lengths(prompts, outs), cfg.micro_batch_tokens, d):
+    for rows in common.micro_batches(prompts, outs, cfg.micro_batch_tokens, d):
         lp, mask = common.rollout_logprobs(model, [prompts[i] for i in rows], [outs[i] for i in rows], d.device,
                                            pad_id)
         t_lp = padded([teacher_lp[i] for i in rows], mask).to(d.device)

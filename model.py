@@ -463,7 +463,11 @@ class Mamba2Mixer(nn.Module):
         y, conv_past, ssm_state = self.mix(zxbcdt, valid, doc, cache["conv"] if cache else None,
                                            cache["ssm"] if cache else None, step=cache is not None and T == 1,
                                            lead=lead)
-        if cache is not None:       # in place: the cache's tensors are fixed buffers (a CUDA graph replays them)
+        if cache is not None and torch.is_grad_enabled():
+            # a continuation that trains (rollouts sharing a prompt, common.rollout_logprobs): new tensors, so
+            # the state the prompt's pass handed over stays as autograd saved it
+            cache["conv"], cache["ssm"] = conv_past, ssm_state
+        elif cache is not None:     # in place: the cache's tensors are fixed buffers (a CUDA graph replays them)
             cache["conv"].copy_(conv_past)
             cache["ssm"].copy_(ssm_state)                             # (a no-op after ssm_step: the same tensor)
         return self.out_proj(y)
@@ -527,7 +531,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(bsz, T, self.n_kv, self.head_dim).transpose(1, 2)
         if isinstance(pos, torch.Tensor):
             return self.o_proj(decode_attention(q, k, v, cache, pos, attn_mask).reshape(bsz, 1, -1))
-        if cache is not None:
+        if cache is not None and torch.is_grad_enabled():       # a continuation that trains (see Mamba2Mixer)
+            cache["k"] = k = torch.cat([cache["k"][:, :, :pos], k], dim=2) if pos else k
+            cache["v"] = v = torch.cat([cache["v"][:, :, :pos], v], dim=2) if pos else v
+        elif cache is not None:
             cache["k"][:, :, pos:pos + T] = k
             cache["v"][:, :, pos:pos + T] = v
             k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
@@ -935,7 +942,18 @@ class Model(nn.Module):
         h = self.backbone.embeddings(input_ids)
         for i, block in enumerate(self.backbone.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and layer_cache:
+                # a continuation that trains (common.shared_prompt_logprobs): the layer's state goes in and comes
+                # out as tensors, so the recompute in backward starts from the state this forward started from
+                keys = list(layer_cache)
+
+                def run(h, *state, block=block, keys=keys):
+                    c = dict(zip(keys, state))
+                    return (block(h, valid=valid, doc=doc, attn_mask=attn_mask, cache=c, pos=pos, lead=lead),
+                            *(c[k] for k in keys))
+                h, *state = checkpoint(run, h, *(layer_cache[k] for k in keys), use_reentrant=False)
+                layer_cache.update(zip(keys, state))
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, valid, doc, attn_mask, layer_cache, pos, lead, use_reentrant=False)
             else:
                 h = block(h, valid=valid, doc=doc, attn_mask=attn_mask, cache=layer_cache, pos=pos, lead=lead)

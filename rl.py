@@ -58,7 +58,7 @@ class StageConfig:
     steps: int = 20  # optimizer steps, one per rollout batch (paper: IF-RL ~180, multi-domain ~70, code 22)
     prompts_per_step: int = 8  # prompts (GRPO groups) per batch, across processes (paper: 128)
     rollouts: int = 8  # completions per prompt (paper: 16)
-    micro_batch_tokens: int = 4096  # tokens per forward/backward on each process: rollouts packed in one row
+    micro_batch_tokens: int = 4096  # tokens per forward/backward on each process (a prompt counted once for its rollouts)
     sample_batch: int = 0  # prompts per generate call on each process (0 = all at once); bounds the cache memory
     lr: float = 3e-6  # learning rate (paper: 3e-6)
     warmup_steps: int = 0  # linear warmup steps from 0
@@ -265,16 +265,17 @@ def train_step(model, prompts, completions, advantages, micro_batch_tokens, grad
                ref_model=None, kl_coef=0.0):
     """
     The gradient of one batch from this process's rollouts (prompts[i] + completions[i], advantage[i]), clipped;
-    the caller takes the optimizer step. The rollouts are packed into rows of at most micro_batch_tokens tokens,
-    one row per forward/backward, and every process runs the same number of them (FSDP's collectives must pair
-    up; a process with fewer runs empty ones). Returns the batch's loss, grad norm, and the trainer log-probs of
+    the caller takes the optimizer step. The rollouts go in micro-batches of at most micro_batch_tokens tokens,
+    one forward/backward each, a prompt run once for all of its rollouts in one (common.micro_batches,
+    common.rollout_logprobs), and every process runs the same number of them (FSDP's collectives must pair up; a
+    process with fewer runs empty ones). Returns the batch's loss, grad norm, and the trainer log-probs of
     every sampled token (per rollout) for the sampler/trainer consistency check.
     """
     n_local = sum(len(c.policy(c.tokens)) for c in completions)          # environment tokens train nothing
     n_tokens = common.all_reduce_sum(torch.tensor(float(n_local), device=d.device), d).clamp(min=1)
     adv = torch.as_tensor(advantages, dtype=torch.float32, device=d.device)
     loss_sum, trainer_lp = torch.zeros((), device=d.device), [None] * len(completions)
-    for rows in common.token_micro_batches(common.rollout_lengths(prompts, completions), micro_batch_tokens, d):
+    for rows in common.micro_batches(prompts, completions, micro_batch_tokens, d):
         p_rows, c_rows = [prompts[i] for i in rows], [completions[i] for i in rows]
         lp, mask = common.rollout_logprobs(model, p_rows, c_rows, d.device, pad_id)
         ref = None

@@ -1,5 +1,6 @@
 """rl.py: GRPO advantages and loss by hand, the REINFORCE gradient and micro-batching, dynamic filtering, sampler vs
 trainer log-probs, a toy task that RL learns, 1 vs 2 processes, kill/resume, cascade.json, skips and errors."""
+import itertools
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import options
 import rl
 import sample
 import tasks
-from model import Model
+from model import Mamba2Mixer, Model
 from tests.conftest import small_config
 from tests.test_sft import run_killing_group
 from tokenizer import load_tokenizer
@@ -139,9 +140,8 @@ def test_gradient_is_reinforce_for_any_micro_batching(rollouts):
         logp = model(ids)[0, len(p) - 1:].log_softmax(-1)
         (-(a / n_tokens) * logp.gather(-1, torch.tensor(c.tokens)[:, None]).sum()).backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
-    lengths = common.rollout_lengths(prompts, outs)
-    # token budgets: one rollout per row; two or three per row; all six in one row; packed, with the KL term
-    for budget, kl in ((1, 0.0), (max(lengths) + min(lengths), 0.0), (sum(lengths), 0.0), (20, 0.5)):
+    # token budgets: one group per forward; both groups in one; with the KL term
+    for budget, kl in ((1, 0.0), (1000, 0.0), (20, 0.5)):
         # (the k3 KL to a reference equal to the policy is 0 with a zero gradient: the same gradient again)
         model.zero_grad(set_to_none=True)
         rl.train_step(model, prompts, outs, adv, budget, 0.0, D1, ref_model=model if kl else None, kl_coef=kl)
@@ -150,18 +150,51 @@ def test_gradient_is_reinforce_for_any_micro_batching(rollouts):
     model.zero_grad(set_to_none=True)
 
 
-def test_token_micro_batches_pack_within_the_budget():
-    lengths = [7, 3, 9, 2, 5, 12, 1, 4]
-    for budget in (1, 9, 12, 16, 100):
-        bins = common.token_micro_batches(lengths, budget, D1)
-        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))       # each rollout exactly once
-        for b in bins:
-            assert b == sorted(b) and (len(b) == 1 or sum(lengths[i] for i in b) <= budget), (budget, bins)
-        # first-fit decreasing: no two bins could have been one
-        loads = sorted(sum(lengths[i] for i in b) for b in bins)
-        assert len(bins) == 1 or loads[0] + loads[1] > budget, (budget, bins)
-    assert common.token_micro_batches(lengths, 100, D1) == [list(range(len(lengths)))]
-    assert common.token_micro_batches([], 100, D1) == []
+@pytest.mark.parametrize("checkpointing, segment", [(False, 4096), (True, 4096), (True, 3), (False, 3)])
+def test_shared_prompt_logprobs_and_gradient_equal_the_packed_row(checkpointing, segment, monkeypatch):
+    """Rollouts sharing a prompt, run once through the cache, give the log-probs and the gradient of the packed
+    row that repeats it for each: prompts of different lengths (left-padded), a prompt with one rollout, and a
+    multi-turn episode whose environment tokens are masked; with activation checkpointing (whose recompute must
+    start from the state the forward started from) and with the prompts' pass in pieces of 3 tokens."""
+    monkeypatch.setattr(Mamba2Mixer, "segment_tokens", segment)
+    model = random_model(seed=2, vocab_size=64)
+    model.gradient_checkpointing = checkpointing
+    prompts = [[1, 3, 30, 31, 32]] * 3 + [[1, 3, 40]] * 2 + [[1, 3, 50, 51]]
+    g = torch.Generator().manual_seed(0)
+    outs = [sample.Completion(torch.randint(5, 64, (n,), generator=g).tolist(), [], "stop") for n in (4, 1, 6, 3, 5, 2)]
+    outs[1] = sample.Completion([7, 8, 9, 10, 11, 12, 13], [], "stop", mask=[1, 1, 0, 0, 0, 1, 1])   # an episode
+    adv = torch.tensor([1.0, -0.5, 0.25, -1.0, 0.75, 0.5])
+    result = {}
+    for fn in (common.packed_logprobs, common.shared_prompt_logprobs):
+        model.zero_grad(set_to_none=True)
+        lp, mask = fn(model, prompts, outs, "cpu")
+        (adv[:, None] * lp).sum().backward()
+        result[fn.__name__] = lp.detach(), mask, {n: p.grad.clone() for n, p in model.named_parameters()}
+    (lp_a, mask_a, grad_a), (lp_b, mask_b, grad_b) = result.values()
+    assert torch.equal(mask_a, mask_b) and mask_a[1].tolist() == [1, 1, 0, 0, 0, 1, 1]
+    torch.testing.assert_close(lp_b, lp_a, atol=2e-5, rtol=0)
+    for n in grad_a:
+        torch.testing.assert_close(grad_b[n], grad_a[n], atol=1e-6, rtol=1e-4, msg=n)
+    assert common.rollout_logprobs(model, prompts[3:], outs[3:], "cpu")[0].grad_fn is not None  # shared: a graph
+    model.zero_grad(set_to_none=True)
+
+
+def test_micro_batches_keep_a_prompt_together_within_the_budget():
+    # three prompts (4, 2 and 9 tokens before the last) with 3, 2 and 1 rollouts, and two distinct one-offs
+    prompts = [[1] * 5] * 3 + [[2] * 3] * 2 + [[3] * 10] + [[4] * 2, [5] * 7]
+    outs = [sample.Completion([7] * n, [], "stop") for n in (3, 6, 2, 4, 1, 5, 8, 2)]
+    size = lambda b: common.forward_tokens([prompts[i] for i in b], [outs[i] for i in b])[0]      # noqa: E731
+    for budget in (1, 12, 22, 30, 60, 1000):
+        bins = common.micro_batches(prompts, outs, budget, D1)
+        assert sorted(i for b in bins for i in b) == list(range(len(outs)))          # each rollout exactly once
+        for b in bins:                          # the padded tokens of the forward, unless one rollout alone
+            assert b == sorted(b) and (len(b) == 1 or size(b) <= budget), (budget, bins)
+        # first-fit: no two micro-batches could have been one
+        assert all(size(a + b) > budget for a, b in itertools.combinations(bins, 2)), (budget, bins)
+        if budget >= size([0, 1, 2]):           # the first prompt's rollouts fit together: they go together
+            assert any({0, 1, 2} <= set(b) for b in bins), (budget, bins)
+    assert common.micro_batches(prompts, outs, 1000, D1) == [list(range(len(outs)))]
+    assert common.micro_batches([], [], 100, D1) == []
 
 
 def test_packed_logprobs_equal_one_rollout_at_a_time(rollouts):
@@ -356,33 +389,48 @@ from tests.test_rl import random_model
 d = common.init_dist("cpu")
 model = common.shard_model(random_model(seed=3, vocab_size=64), d)
 optimizer = common.make_optimizer(model, 1e-2, (0.9, 0.95), 0.0)
-torch.manual_seed(0)                       # the same rollouts on every process: 5 rows, split 3 + 2 over 2
-prompts = [[1, 3, 30 + i, 31] for i in range(5)]
-completions = [sample.Completion(torch.randint(5, 64, (n,)).tolist(), [], "stop") for n in (4, 1, 6, 3, 2)]
-adv = [1.0, -0.5, 0.25, -1.0, 0.75]
+torch.manual_seed(0)                       # the same rollouts on every process, split over the processes
+if sys.argv[2] == "packed":                # distinct prompts, packed into rows: 5 rollouts, 3 + 2
+    prompts = [[1, 3, 30 + i, 31] for i in range(5)]
+    lengths, adv = (4, 1, 6, 3, 2), [1.0, -0.5, 0.25, -1.0, 0.75]
+else:                                      # two long prompts of 3 rollouts: one forward per process, each
+    prompts = [[5 + i % 59 for i in range(60)]] * 3 + [[7 + i % 57 for i in range(80)]] * 3   # (vocab 64)
+    lengths, adv = (4, 1, 6, 3, 2, 5), [1.0, -0.5, 0.25, -1.0, 0.75, -0.25]
+completions = [sample.Completion(torch.randint(5, 64, (n,)).tolist(), [], "stop") for n in lengths]
 mine = slice(d.rank, None, d.world_size)
-loss, grad_norm, _ = rl.train_step(model, prompts[mine], completions[mine], adv[mine], 2, 0.0, d)
+budget = 2 if sys.argv[2] == "packed" else 1000
+assert common.forward_tokens(prompts[mine], completions[mine])[1] == (sys.argv[2] == "shared")
+loss, grad_norm, _ = rl.train_step(model, prompts[mine], completions[mine], adv[mine], budget, 0.0, d)
+full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g      # a DTensor shard under FSDP
+grads = {k: full(p.grad).flatten().tolist() for k, p in model.named_parameters()}
 optimizer.step()
 state = common.full_state_dict(model, d)
 if d.is_main:
-    json.dump(dict(loss=loss, grad_norm=grad_norm, params={k: v.double().sum().item() for k, v in state.items()}),
-              open(sys.argv[1], "w"))
+    json.dump(dict(loss=loss, grad_norm=grad_norm, grads=grads,
+                   params={k: v.double().sum().item() for k, v in state.items()}), open(sys.argv[1], "w"))
 common.close_dist()
 """
 
 
-def test_two_processes_give_the_step_of_one(tmp_path):
+@pytest.mark.parametrize("layout", ["packed", "shared"])
+def test_two_processes_give_the_step_of_one(tmp_path, layout):
+    """FSDP over 2 processes gives the gradient and step of one, for rollouts packed into a row and for rollouts
+    that share a prompt (whose gradient enters the prompt's pass through the cache, not through its output)."""
     script = tmp_path / "worker.py"
     script.write_text(DIST_WORKER)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    one = run_killing_group([sys.executable, str(script), str(tmp_path / "one.json")], env=env, cwd=ROOT)
+    one = run_killing_group([sys.executable, str(script), str(tmp_path / "one.json"), layout], env=env, cwd=ROOT)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_torchrun([str(script), str(tmp_path / "two.json")], env)
+    two = run_torchrun([str(script), str(tmp_path / "two.json"), layout], env)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    for k in a["params"]:
-        assert a["params"][k] == pytest.approx(b["params"][k], rel=1e-5, abs=1e-6), k
+    for k in a["grads"]:
+        torch.testing.assert_close(torch.tensor(b["grads"][k]), torch.tensor(a["grads"][k]), atol=1e-7, rtol=1e-4,
+                                   msg=k)
+    if layout == "packed":      # (AdamW's first step is about lr * sign(g): a gradient near 0 moves by up to lr)
+        for k in a["params"]:
+            assert a["params"][k] == pytest.approx(b["params"][k], rel=1e-5, abs=1e-6), k
 
 
 def test_named_errors(toy_run_dir, tmp_path):
