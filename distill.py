@@ -52,7 +52,7 @@ class MOPDConfig:
     steps: int = 40  # optimizer steps, one per batch
     prompts_per_step: int = 8  # prompts per batch, across processes
     rollouts: int = 4  # student completions per prompt
-    micro_batch_tokens: int = 4096  # tokens per forward/backward on each process (a prompt counted once for its rollouts)
+    micro_batch_tokens: int = 4096  # tokens per forward/backward per process (a prompt once for its rollouts)
     # half the tiny RL stages' 1e-4 (the paper too steps MOPD below its RL, 2e-6 against 3e-6): the student starts
     # near its teachers, and at 1e-4 its held-out scores wandered by up to 5 points over 20 steps (measured)
     lr: float = 5e-5  # peak learning rate (paper: 2e-6)
@@ -185,7 +185,8 @@ def main(cfg: MOPDConfig):
                                  f"(scored: {cascade['domains']})")
     weights = list(cfg.weights) or [1.0] * len(domains)
     if len(weights) != len(domains) or min(weights) < 0 or sum(weights) <= 0:
-        raise options.ConfigError(f"--weights {cfg.weights}: one non-negative weight per domain {domains}, not all zero")
+        raise options.ConfigError(f"--weights {cfg.weights}: one non-negative weight per domain {domains}, "
+                                  "not all zero")
     if cfg.prompts_per_step % d.world_size:
         raise options.ConfigError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world_size} "
                                  "processes")
@@ -311,8 +312,8 @@ def score_with_teachers(teachers, teacher_of, prompts, outs, row_domains, micro_
 
 def train_step(model, prompts, outs, teacher_lp, row_domains, domains, cfg, d, pad_id):
     """The gradient of Eq. 4 over this process's rollouts, in micro-batches of at most cfg.micro_batch_tokens
-    tokens (common.micro_batches; the caller steps), and the step's statistics: the loss, the reverse-KL estimate per domain (mean of
-    -a_t over its tokens), the share of tokens whose weight was cut."""
+    tokens (common.micro_batches; the caller steps), and the step's statistics: the loss, the reverse-KL estimate
+    per domain (mean of -a_t over its tokens), the share of tokens whose weight was cut."""
     n_seq = common.all_reduce_sum(torch.tensor(float(len(outs)), device=d.device), d)
     sums = torch.zeros(len(domains), 2, dtype=torch.float64)          # sum of -a_t, token count, per domain
     cut, n_tok, ratio_sum = 0.0, 0.0, 0.0

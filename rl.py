@@ -58,7 +58,7 @@ class StageConfig:
     steps: int = 20  # optimizer steps, one per rollout batch (paper: IF-RL ~180, multi-domain ~70, code 22)
     prompts_per_step: int = 8  # prompts (GRPO groups) per batch, across processes (paper: 128)
     rollouts: int = 8  # completions per prompt (paper: 16)
-    micro_batch_tokens: int = 4096  # tokens per forward/backward on each process (a prompt counted once for its rollouts)
+    micro_batch_tokens: int = 4096  # tokens per forward/backward per process (a prompt once for its rollouts)
     sample_batch: int = 0  # prompts per generate call on each process (0 = all at once); bounds the cache memory
     lr: float = 3e-6  # learning rate (paper: 3e-6)
     warmup_steps: int = 0  # linear warmup steps from 0
