@@ -621,8 +621,16 @@ def rollout_logprobs(model, prompts, completions, device, pad_id=0):
     No rollouts (an empty pass, see micro_batches): the model still runs, on two padding tokens, and lp is
     [0, 1], so a loss summed over it is 0 with a full backward.
     """
-    shared = forward_tokens(prompts, completions)[1]
-    return (shared_prompt_logprobs if shared else packed_logprobs)(model, prompts, completions, device, pad_id)
+    shared, width = forward_tokens(prompts, completions)[1], max((len(p) - 1 for p in prompts), default=0)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # every process makes the same model calls (FSDP gathers each layer's shards in each): the layout, and
+        # the prompts' width (pass 1's pieces), of the micro-batch are agreed on, one all-reduce
+        plan = torch.tensor([float(shared), float(width)], device=device)
+        dist.all_reduce(plan, op=dist.ReduceOp.MAX)
+        shared, width = bool(plan[0]), int(plan[1])
+    if shared:
+        return shared_prompt_logprobs(model, prompts, completions, device, pad_id, width)
+    return packed_logprobs(model, prompts, completions, device, pad_id)
 
 
 def forward_tokens(prompts, completions):
@@ -660,7 +668,7 @@ def packed_logprobs(model, prompts, completions, device, pad_id=0):
     return lp[where.to(device)] * mask, mask
 
 
-def shared_prompt_logprobs(model, prompts, completions, device, pad_id=0):
+def shared_prompt_logprobs(model, prompts, completions, device, pad_id=0, width=0):
     """
     rollout_logprobs for rollouts that share prompts, each prompt run once: pass 1 runs every distinct prompt but
     its last token (left-padded) into a cache; the cache's rows are repeated, one per rollout; pass 2 continues
@@ -669,14 +677,21 @@ def shared_prompt_logprobs(model, prompts, completions, device, pad_id=0):
     attention keys and values and its Mamba state to pass 2 as tensors of the graph, so the gradient reaches the
     prompt's pass once, summed over its rollouts: a group of n rollouts of a P-token prompt costs P + sum |o_i|
     tokens instead of n P + sum |o_i|. Equal to the packed row up to float rounding (tests/test_rl.py).
+    width: pass 1 covers at least this many prompt tokens (left padding); no rollouts: one row of padding runs.
     """
+    import types
+
     from model import Mamba2Mixer
 
+    if not completions:
+        lp, mask = shared_prompt_logprobs(model, [[pad_id] * 2], [types.SimpleNamespace(tokens=[pad_id] * 2,
+                                          mask=None)], device, pad_id, width)
+        return lp[:0, :1], mask[:0, :1]
     distinct = {}
     which = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
     heads = list(distinct)                                          # the distinct prompts, first-seen order
     # every forward here has 2 or more tokens: one token would be a decode step, which writes the cache in place
-    P, C = max(len(h) for h in heads) - 1, max([len(c.tokens) for c in completions] + [2])
+    P, C = max([len(h) - 1 for h in heads] + [width]), max([len(c.tokens) for c in completions] + [2])
     P = max(P, 2) if P else 0
     t = lambda x: torch.tensor(x, dtype=torch.long, device=device)     # noqa: E731
     cache, anchor = model.new_cache(len(heads), P + C), 0.0

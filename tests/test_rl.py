@@ -175,7 +175,13 @@ def test_shared_prompt_logprobs_and_gradient_equal_the_packed_row(checkpointing,
     torch.testing.assert_close(lp_b, lp_a, atol=2e-5, rtol=0)
     for n in grad_a:
         torch.testing.assert_close(grad_b[n], grad_a[n], atol=1e-6, rtol=1e-4, msg=n)
-    assert common.rollout_logprobs(model, prompts[3:], outs[3:], "cpu")[0].grad_fn is not None  # shared: a graph
+    # the empty pass in the shared layout (a process with fewer micro-batches than one that shares): the model
+    # runs, as wide as the others' prompts, and a loss summed over it is 0 with a full backward
+    lp, mask = common.shared_prompt_logprobs(model, [], [], "cpu", width=7)
+    assert lp.shape == (0, 1) and not mask.any()
+    model.zero_grad(set_to_none=True)
+    lp.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
     model.zero_grad(set_to_none=True)
 
 
@@ -393,13 +399,19 @@ torch.manual_seed(0)                       # the same rollouts on every process,
 if sys.argv[2] == "packed":                # distinct prompts, packed into rows: 5 rollouts, 3 + 2
     prompts = [[1, 3, 30 + i, 31] for i in range(5)]
     lengths, adv = (4, 1, 6, 3, 2), [1.0, -0.5, 0.25, -1.0, 0.75]
-else:                                      # two long prompts of 3 rollouts: one forward per process, each
+elif sys.argv[2] == "shared":              # two long prompts of 3 rollouts: one forward per process, each
     prompts = [[5 + i % 59 for i in range(60)]] * 3 + [[7 + i % 57 for i in range(80)]] * 3   # (vocab 64)
+    lengths, adv = (4, 1, 6, 3, 2, 5), [1.0, -0.5, 0.25, -1.0, 0.75, -0.25]
+else:                                      # mixed: process 0 gets a long prompt 3 times, process 1 three short
+    long = [5 + i % 59 for i in range(60)]     # ones, which alone it would pack: it runs the shared layout too
+    prompts = [long, [1, 3, 40], long, [1, 3, 41, 42], long, [1, 3, 43]]
     lengths, adv = (4, 1, 6, 3, 2, 5), [1.0, -0.5, 0.25, -1.0, 0.75, -0.25]
 completions = [sample.Completion(torch.randint(5, 64, (n,)).tolist(), [], "stop") for n in lengths]
 mine = slice(d.rank, None, d.world_size)
 budget = 2 if sys.argv[2] == "packed" else 1000
-assert common.forward_tokens(prompts[mine], completions[mine])[1] == (sys.argv[2] == "shared")
+if d.world_size > 1:
+    assert common.forward_tokens(prompts[mine], completions[mine])[1] == (sys.argv[2] != "packed" and d.rank == 0
+                                                                          or sys.argv[2] == "shared")
 loss, grad_norm, _ = rl.train_step(model, prompts[mine], completions[mine], adv[mine], budget, 0.0, d)
 full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g      # a DTensor shard under FSDP
 grads = {k: full(p.grad).flatten().tolist() for k, p in model.named_parameters()}
@@ -412,10 +424,11 @@ common.close_dist()
 """
 
 
-@pytest.mark.parametrize("layout", ["packed", "shared"])
+@pytest.mark.parametrize("layout", ["packed", "shared", "mixed"])
 def test_two_processes_give_the_step_of_one(tmp_path, layout):
-    """FSDP over 2 processes gives the gradient and step of one, for rollouts packed into a row and for rollouts
-    that share a prompt (whose gradient enters the prompt's pass through the cache, not through its output)."""
+    """FSDP over 2 processes gives the gradient and step of one, for rollouts packed into a row, for rollouts
+    that share a prompt (whose gradient enters the prompt's pass through the cache, not through its output), and
+    for processes whose own choice of layout differs (they agree on one: the same model calls on each)."""
     script = tmp_path / "worker.py"
     script.write_text(DIST_WORKER)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
