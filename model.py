@@ -753,7 +753,8 @@ class InferenceCache:
     (the same for every row: rows are left-padded, and a row continued after others, as the turns of episodes of
     different lengths, has masked gaps, harmless because attention has no positional encoding), and `pos_t`
     holds the same count on the device for decode steps. Every tensor is updated in place, so a captured CUDA
-    graph can replay a decode step.
+    graph can replay a decode step; under autograd (a continuation that trains: rollouts sharing a prompt,
+    common.shared_prompt_logprobs) the layers put new tensors in its dict instead, so what autograd saved stays.
     static_shapes: decode steps attend over all max_len positions (masked) instead of the first pos + 1, so
     every step runs the same kernels on the same shapes (what CUDA-graph capture needs).
     """
