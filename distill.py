@@ -99,7 +99,7 @@ def pick_teachers(cascade, domains, overrides, source):
         dom, sep, who = item.partition("=")
         if not sep or dom not in chosen:
             raise options.ConfigError(f"--teachers {item!r}: expected DOMAIN=ROW_OR_DIR with DOMAIN one of "
-                                     f"{sorted(chosen)}")
+                                      f"{sorted(chosen)}")
         row = common.cascade_row(cascade, who)
         if row is not None:
             chosen[dom] = (row["name"], row["checkpoint"], row["scores"].get(dom))
@@ -107,7 +107,7 @@ def pick_teachers(cascade, domains, overrides, source):
             chosen[dom] = (who, who, None)
         else:
             raise options.ConfigError(f"--teachers {item!r}: {who!r} is neither a row of {source} "
-                                     f"({', '.join(r['name'] for r in cascade['rows'])}) nor an export directory")
+                                      f"({', '.join(r['name'] for r in cascade['rows'])}) nor an export directory")
     return chosen
 
 
@@ -124,7 +124,7 @@ def load_teachers(chosen, student_tokenizer, student_dir, d, cfg):
             continue
         if not same_vocabulary(load_tokenizer(path), student_tokenizer):
             raise options.ConfigError(f"teacher {name!r} for {dom} ({path}) has another vocabulary than the student "
-                                     f"({student_dir}): its log-probs would score other tokens")
+                                      f"({student_dir}): its log-probs would score other tokens")
         models[path] = common.load_policy(path, d, cfg.bf16, trainable=False)
     return models
 
@@ -182,14 +182,14 @@ def main(cfg: MOPDConfig):
     unknown = [dom for dom in domains if dom not in cascade["domains"]]
     if unknown or not domains:
         raise options.ConfigError(f"--domains: {unknown or '(none)'} not scored in {cfg.cascade} "
-                                 f"(scored: {cascade['domains']})")
+                                  f"(scored: {cascade['domains']})")
     weights = list(cfg.weights) or [1.0] * len(domains)
     if len(weights) != len(domains) or min(weights) < 0 or sum(weights) <= 0:
         raise options.ConfigError(f"--weights {cfg.weights}: one non-negative weight per domain {domains}, "
                                   "not all zero")
     if cfg.prompts_per_step % d.world_size:
         raise options.ConfigError(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the {d.world_size} "
-                                 "processes")
+                                  "processes")
     if cfg.micro_batch_tokens < 1:
         raise options.ConfigError(f"--micro_batch_tokens {cfg.micro_batch_tokens} must be >= 1")
     # held-out scores exactly as cascade.json's rows were scored (its recorded settings), so the rows compare

@@ -8,7 +8,6 @@ token), so the MoE block is traced with k and 2k experts and extrapolated to E.
     python memory.py configs/nemotron3_nano_30b_a3b.json --seq_len 65536 --gpus 8
     python memory.py configs/nemotron3_nano_30b_a3b.json --stage configs/rl_nano_30b.json:long-context-rl
     python model.py CONFIG --memory ...        # the same report
-
 """
 import argparse
 import dataclasses

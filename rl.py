@@ -87,10 +87,10 @@ class StageConfig:
 
     def validate(self):
         problems = options.check_fields(self, prompt_data=options.optional(options.data_source),
-                                       max_turns=options.at_least(0), judge_max_new_tokens=options.at_least(1),
-                                       judge_batch=options.at_least(0), judge_opponents=options.at_least(0),
-                                       judge_timeout_s=options.above(0),
-                                       judge_retries=options.at_least(0))
+                                        max_turns=options.at_least(0), judge_max_new_tokens=options.at_least(1),
+                                        judge_batch=options.at_least(0), judge_opponents=options.at_least(0),
+                                        judge_timeout_s=options.above(0),
+                                        judge_retries=options.at_least(0))
         # an episode's budget holds its turns; a stage of single-turn domains has no episodes (stage_budget)
         if any(dom in tasks.ENVIRONMENTS for dom in self.domains) and self.max_episode_tokens < self.max_new_tokens:
             problems.append(f"--max_episode_tokens={self.max_episode_tokens}: must be >= max_new_tokens "
@@ -169,8 +169,8 @@ def parse_args(argv=None):
     as_flag = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     flags = [f"--{k}={as_flag(v)}" for k, v in preset.items()]          # the command line comes after: it wins
     cfg = options.parse_config(RLConfig, flags + rest, description=__doc__ + f"\n--config defaults to {DEFAULT_PRESET}"
-                              " (run options as below, and \"stages\": a list of stage option dicts).\n\n" +
-                              _stage_help())
+                               " (run options as below, and \"stages\": a list of stage option dicts).\n\n" +
+                               _stage_help())
     return cfg, apply_overrides(stages, cfg.set), path
 
 
@@ -187,7 +187,7 @@ def apply_overrides(stages, overrides):
             if target in ("*", s.name):
                 try:
                     stages[i] = options.config_from_dict(StageConfig, {**asdict(s), option: value},
-                                                        source=f"--set {item}")
+                                                         source=f"--set {item}")
                 except (ValueError, TypeError) as e:
                     sys.exit(f"rl.py: --set {item!r}: {e}")
     return stages
@@ -202,31 +202,31 @@ def check_stages(stages, cfg, d, source="preset"):
         where = f"{source}: stage {i} ({s.name!r})"
         if not re.fullmatch(r"[\w.-]+", s.name) or s.name in (cfg.init_name, "mopd"):
             raise options.ConfigError(f"{where}: name must be a plain directory name other than "
-                                     f"{cfg.init_name!r} and 'mopd'")
+                                      f"{cfg.init_name!r} and 'mopd'")
         if names.count(s.name) > 1:
             raise options.ConfigError(f"{where}: the name appears twice")
         unknown = [dom for dom in s.domains if dom not in tasks.GRADED_DOMAINS and not s.reward_model]
         if unknown or not s.domains:           # with a reward model, any domain with prompts (e.g. "sft/chat")
             raise options.ConfigError(f"{where}: unknown domain(s) {unknown or '(none given)'}; "
-                                     f"domains with a verifier: {', '.join(tasks.GRADED_DOMAINS)}")
+                                      f"domains with a verifier: {', '.join(tasks.GRADED_DOMAINS)}")
         if s.reward_model and set(s.domains) & set(tasks.ENVIRONMENTS):
             raise options.ConfigError(f"{where}: the reward model judges single-turn responses; "
-                                     f"{sorted(set(s.domains) & set(tasks.ENVIRONMENTS))} are multi-turn")
+                                      f"{sorted(set(s.domains) & set(tasks.ENVIRONMENTS))} are multi-turn")
         if s.weights and (len(s.weights) != len(s.domains) or min(s.weights) < 0 or sum(s.weights) <= 0):
             raise options.ConfigError(f"{where}: weights {s.weights} must be one non-negative number per domain "
-                                     f"{s.domains}, not all zero")
+                                      f"{s.domains}, not all zero")
         if s.rollouts < 2:
             raise options.ConfigError(f"{where}: rollouts must be >= 2 (a group of one has no baseline)")
         if s.prompts_per_step < 1 or s.prompts_per_step % d.world_size:
             raise options.ConfigError(f"{where}: prompts_per_step {s.prompts_per_step} must be a positive multiple of "
-                                     f"the {d.world_size} processes")
+                                      f"the {d.world_size} processes")
         if s.temperature <= 0 or not 0 < s.top_p <= 1:
             raise options.ConfigError(f"{where}: rollouts need temperature > 0 and top_p in (0, 1]")
         if s.steps < 1 or s.micro_batch_tokens < 1 or s.max_new_tokens < 1:
             raise options.ConfigError(f"{where}: steps, micro_batch_tokens and max_new_tokens must be >= 1")
         if s.context < 0 or 0 < s.context <= stage_budget(s):
             raise options.ConfigError(f"{where}: context {s.context} must be 0 (the model's) or leave room for a "
-                                     f"prompt beside the budget of {stage_budget(s)} tokens")
+                                      f"prompt beside the budget of {stage_budget(s)} tokens")
     cfg.only = tuple(n for n in cfg.only if n)
     missing = [n for n in cfg.only if n not in names]
     if missing:
@@ -545,7 +545,7 @@ def main(cfg: RLConfig, stages: list, source="preset"):
     cascade_path = os.path.join(cfg.out_dir, "cascade.json")
     if not os.path.isfile(os.path.join(cfg.init, "config.json")):
         raise options.ConfigError(f"--init {cfg.init}: not an HF export directory (config.json + safetensors); "
-                                 "run sft.py first")
+                                  "run sft.py first")
     tokenizer = load_tokenizer(cfg.init)
     init_config = Model.config_from_pretrained(cfg.init)
     common.check_tokenizer(tokenizer, init_config, f"--init {cfg.init}")
@@ -595,7 +595,7 @@ def main(cfg: RLConfig, stages: list, source="preset"):
             continue
         if cfg.only and stage.name not in cfg.only:
             raise options.ConfigError(f"--only {','.join(cfg.only)}: stage {stage.name!r} comes first and is not "
-                                     "finished")
+                                      "finished")
         t0 = time.perf_counter()
         start_scores = next(r["scores"] for r in common.read_cascade(cascade_path)["rows"]
                             if r["checkpoint"] == os.path.abspath(start_from))

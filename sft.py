@@ -345,7 +345,7 @@ def main(cfg: SFTConfig):
     tokenizer = load_tokenizer_for(cfg)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise options.ConfigError(f"--tokenizer {cfg.tokenizer or cfg.model} has {tokenizer.vocab_size} tokens but "
-                                 f"the model's vocab_size is {model_config.vocab_size}")
+                                  f"the model's vocab_size is {model_config.vocab_size}")
     if eval_examples:                       # the final score's prompts fit the context (checked before training)
         sample.encode_prompts(tokenizer, eval_examples, cfg.thinking, model_config.max_position_embeddings,
                               cfg.eval_max_new_tokens, source=f"--eval_data {cfg.eval_data}",
