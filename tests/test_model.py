@@ -30,11 +30,13 @@ def randomize(model: Model, seed=0):
     return model
 
 
-def hf_model(path):
+def hf_logits(path, ids):
+    """Logits of transformers' NemotronHForCausalLM loaded from `path`: a full forward, so no cache (transformers
+    5.25's DynamicCache fails on a model whose first layer is an MLP)."""
     from transformers import NemotronHForCausalLM
     model, info = NemotronHForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    return model.eval()
+    return model.eval()(ids, use_cache=False).logits
 
 
 PARITY_CASES = [
@@ -55,7 +57,7 @@ def test_logits_match_transformers(tmp_path, overrides, batch, seqlen):
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(ids)
-        ref = hf_model(tmp_path / "ckpt")(ids).logits
+        ref = hf_logits(tmp_path / "ckpt", ids)
     assert ours.shape == (batch, seqlen, model.config.vocab_size)
     assert (ours - ref).abs().max().item() < 1e-4
 
@@ -185,7 +187,7 @@ def test_sharded_save_loads_in_ours_and_transformers(tmp_path):
         ref = model(ids)
         loaded = Model.from_pretrained(tmp_path / "ckpt").eval()
         torch.testing.assert_close(loaded(ids), ref, atol=0, rtol=0)
-        assert (hf_model(tmp_path / "ckpt")(ids).logits - ref).abs().max().item() < 1e-4
+        assert (hf_logits(tmp_path / "ckpt", ids) - ref).abs().max().item() < 1e-4
 
 
 def test_bf16_load_keeps_fp32_tensors(tmp_path):
