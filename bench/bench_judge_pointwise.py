@@ -131,6 +131,7 @@ def main():
     ap.add_argument("--thought", default="evidence", choices=("evidence", "plain"),
                     help="the thought: the compared words copied first, or the calls at once (default: %(default)s)")
     ap.add_argument("--rows", type=int, default=8000, help="rating rows to train on (default: %(default)s)")
+    ap.add_argument("--epochs", type=float, default=1, help="epochs of the fine-tune (default: %(default)s)")
     ap.add_argument("--pairs", type=int, default=200, help="held-out pairs to rate (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the rows and the fine-tune (default: %(default)s)")
     args = ap.parse_args()
@@ -138,12 +139,13 @@ def main():
     rows_path, sft_dir = os.path.join(args.out, "rows.jsonl"), os.path.join(args.out, "sft")
     if not os.path.exists(os.path.join(sft_dir, "export", "config.json")):
         write_rows(rows_path, args.rows, args.thought, args.seed)
-        cmd = [sys.executable, "sft.py", "--model", args.init, "--train_data", rows_path, "--epochs", "1",
+        cmd = [sys.executable, "sft.py", "--model", args.init, "--train_data", rows_path, "--epochs", str(args.epochs),
                "--lr", "1e-3", "--warmup_steps", "10", "--eval_data=", "--out_dir", sft_dir, "--seed", str(args.seed)]
         if subprocess.run(cmd, cwd=ROOT).returncode:
             sys.exit(f"bench: {' '.join(cmd)} failed")
     pairs = [json.loads(line) for line in open(os.path.join(ROOT, "data", "judge.jsonl"))][:args.pairs]
-    result = dict(report(os.path.join(sft_dir, "export"), pairs), init=args.init, thought=args.thought, rows=args.rows)
+    result = dict(report(os.path.join(sft_dir, "export"), pairs), init=args.init, thought=args.thought, rows=args.rows,
+                  epochs=args.epochs)
     print(json.dumps(result, indent=2))
     common.write_json_atomic(os.path.join(args.out, "report.json"), result)
 
