@@ -62,18 +62,24 @@ class JudgeError(options.ConfigError):
 # The prompt, the verdict and the rewards
 
 
+def conversation_text(prompt_messages) -> str:
+    """The conversation so far as the judge reads it: each message a [Role] block."""
+    return "\n\n".join(f"[{m['role'].capitalize()}]\n{m['content']}" for m in prompt_messages)
+
+
 def judge_messages(prompt_messages, a: str, b: str) -> list[dict]:
-    """The judge's conversation: one user turn holding the instruction, the conversation so far (each message as
-    a [Role] block) and the two final answers. data/generate.py writes the tiny judge's SFT examples with it."""
-    context = "\n\n".join(f"[{m['role'].capitalize()}]\n{m['content']}" for m in prompt_messages)
+    """The judge's conversation: one user turn holding the instruction, the conversation so far and the two final
+    answers. data/generate.py writes the tiny judge's SFT examples with it."""
+    context = conversation_text(prompt_messages)
     return [{"role": "user", "content": f"{INSTRUCTION}\n\n{context}\n\n[A]\n{a.strip()}\n\n[B]\n{b.strip()}"}]
 
 
-def parse_verdict(text, thinking=None):
+def parse_verdict(text, thinking=None, pattern=VERDICT):
     """"A", "B" or "C" (a tie): the last [[X]] of the judgement's final answer; None when there is none, when the
-    judgement's thought never closes, or when no judgement came back (text None)."""
+    judgement's thought never closes, or when no judgement came back (text None). `pattern` reads another verdict
+    format (its one group is the verdict)."""
     answer = tasks.final_answer(text, thinking) if text is not None else None
-    found = VERDICT.findall(answer or "")
+    found = pattern.findall(answer or "")
     return found[-1].upper() if found else None
 
 

@@ -36,7 +36,7 @@ EVIDENCE = re.compile(r"Asked: (.+), (\w+)\.\nAnswer: (.+), (\w+)\.\nLast: (.*)\
 
 
 def rating_messages(prompt_messages, answer):
-    context = "\n\n".join(f"[{m['role'].capitalize()}]\n{m['content']}" for m in prompt_messages)
+    context = judge.conversation_text(prompt_messages)
     return [{"role": "user", "content": f"{INSTRUCTION}\n\n{context}\n\n[Answer]\n{answer.strip()}"}]
 
 
@@ -98,10 +98,10 @@ def report(ckpt, pairs):
     seen = dict(asked=0, answer_topic=0, answer_format=0, last=0, said_before=0, lines=0)
     ratings, rating_errors = [], 0
     for (r, a), out in zip(items, outs):
-        found = RATING.findall(tasks.final_answer(out, True) or "") if out is not None else []
-        ratings.append(int(found[-1]) if found else None)
-        rating_errors += ratings[-1] != tasks.chat.score(r, a)
+        rating = judge.parse_verdict(out, True, RATING)
+        ratings.append(None if rating is None else int(rating))
         truth, calls = tasks.chat.criteria(r, a), CALLS.search(out or "")
+        rating_errors += ratings[-1] != sum(truth.values())
         said = dict(zip(wrong, (calls[1] == "yes", calls[2] == "yes", calls[3] == "no"))) if calls else {}
         for k in wrong:
             wrong[k] += said.get(k) != truth[k]
@@ -116,7 +116,7 @@ def report(ckpt, pairs):
             seen["said_before"] += ev[6] == want[5]
     agreed = decided = 0
     for i, r in enumerate(pairs):
-        a, b = (0.5 + 1 if x is None else x for x in ratings[2 * i:2 * i + 2])   # no rating: the middle, 1.5
+        a, b = (1.5 if x is None else x for x in ratings[2 * i:2 * i + 2])   # no rating: the middle of 0-3
         if r["better"] != "C":
             decided += 1
             agreed += a > b if r["better"] == "A" else b > a
