@@ -1,25 +1,34 @@
 """
-The generative reward model of the RLHF stage: a judge LLM reads a prompt and two responses, writes a judgement
-and ends it with a verdict; a group's rewards are its rollouts' win rates against each other.
+The generative reward model of the RLHF stage: a judge LLM reads the prompt and a rollout's answer (or two of
+them), writes a judgement and ends it with a verdict; a group's rewards come from the verdicts.
 
 DESIGN.md section 7: after MOPD the paper runs RLHF, GRPO rewarded by a generative reward model with a KL term of
-0.03 to the stage's start, about 25-30 steps. Which verdict the paper's judge writes (a score per response or a
-preference between two) is not in what we could read of arXiv 2603.19220 (the search found its abstract and
-pipeline, not the judge's prompt); the GenRM NVIDIA released for the RLHF of Nemotron 3 Nano
-(Qwen3-Nemotron-235B-A22B-GenRM; Nemotron-Cascade 2 is post-trained from Nemotron 3 Nano's base) compares two
-responses to one conversation. So the judge
-here is pairwise, in the LLM-as-a-judge verdict format ([[A]], [[B]], [[C]] for a tie), and asked in both orders
-because judges favour a position:
+0.03 to the stage's start, about 25-30 steps. Which verdict the paper's judge writes is not in what we could read
+of arXiv 2603.19220; the GenRM NVIDIA released for Nemotron 3 (Nemotron-Cascade 2 is post-trained from
+Nemotron 3 Nano's base) reads two responses to one conversation and writes a helpfulness score for each and a
+ranking. Both verdicts are here, chosen by `judge_format`:
+
+  rating (pointwise; the tiny pipeline's): the judge reads one answer and ends with [[0]] .. [[3]]
+
+    r_i = rating_i / 3;   an unparsable rating: the mean of the group's other rewards (a tie: advantage 0)
+
+    n judgements per group of n. A judge that reads one answer at a time compares it with the prompt only, which
+    a few-million-parameter judge can learn (docs/results.md: 83% of held-out pairs ordered right, against 2%
+    for the same model judging pairs).
+
+  pairwise: the judge reads two answers and ends with [[A]], [[B]] or [[C]] (a tie), the LLM-as-a-judge format,
+  asked in both orders because judges favour a position:
 
     p(i, j)  = 1 if the verdict prefers i, 0 if it prefers j, 1/2 for a tie or an unparsable verdict
     s_ij     = (p(i, j | i shown as A) + p(i, j | i shown as B)) / 2;  s_ij = 1 when j is cut off
     r_i      = (1 / (n - 1)) sum_{j != i} s_ij       the win rate of rollout i in its group of n, in [0, 1]
 
-(with `opponents` k > 0, each rollout meets only the 2k nearest round the group, and r_i is the mean over those.)
+    n (n - 1) judgements per group; with `opponents` k > 0 each rollout meets only the 2k nearest round the
+    group (2 n k judgements), and r_i is the mean over those.
 
-A rollout cut off by its token budget, or whose thought never closes, is never shown to the judge: it scores 0 and
-loses every comparison, as the verifiers score it (DESIGN.md section 7). The judge sees each response's final
-answer (the text after </think>), as a multi-turn history keeps only the final answers of earlier turns.
+A rollout cut off by its token budget, or whose thought never closes, is never shown to the judge: it scores 0
+(and loses every comparison), as the verifiers score it (DESIGN.md section 7). The judge sees each response's
+final answer (the text after </think>), as a multi-turn history keeps only the final answers of earlier turns.
 
 One function, two backends (open_judge): an HF-format checkpoint that model.py loads, run in process through
 sample.generate (greedy, so the same rollouts get the same rewards: a resumed stage repeats its rewards exactly);
@@ -30,7 +39,7 @@ policy's; it must be its own model's (common.check_tokenizer). Bad input is foun
 answer. A request that times out mid-stage is retried `retries` times, then JudgeError stops the stage with its
 last checkpoint intact.
 
-    python judge.py --judge out/sft/export                        # agreement with the hidden criteria on
+    python judge.py --judge out/judge/export                      # agreement with the hidden criteria on
     python judge.py --judge http://localhost:8000/v1 --limit 50   # data/judge.jsonl's held-out pairs
 """
 import argparse
@@ -48,6 +57,11 @@ import common
 import options
 import tasks
 
+FORMATS = ("rating", "pairwise")
+RATING_INSTRUCTION = ("Rate the answer: the asked topic, the asked format, no sentence said twice. "
+                      "End with [[0]] to [[3]].")
+RATING = re.compile(r"\[\[\s*([0-3])\s*\]\]")
+TOP_RATING = 3
 INSTRUCTION = "Which answer is better? End with [[A]], [[B]] or [[C]] for a tie."
 VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]", re.I)
 SWAPPED = {"A": "B", "B": "A", "C": "C"}    # a verdict with the two answers' order undone
@@ -67,17 +81,24 @@ def conversation_text(prompt_messages) -> str:
     return "\n\n".join(f"[{m['role'].capitalize()}]\n{m['content']}" for m in prompt_messages)
 
 
+def rating_messages(prompt_messages, answer: str) -> list[dict]:
+    """The rating judge's conversation: one user turn holding the instruction, the conversation so far and one
+    final answer. data/generate.py writes the tiny judge's SFT examples with it."""
+    context = conversation_text(prompt_messages)
+    return [{"role": "user", "content": f"{RATING_INSTRUCTION}\n\n{context}\n\n[Answer]\n{answer.strip()}"}]
+
+
 def judge_messages(prompt_messages, a: str, b: str) -> list[dict]:
-    """The judge's conversation: one user turn holding the instruction, the conversation so far and the two final
-    answers. data/generate.py writes the tiny judge's SFT examples with it."""
+    """The pairwise judge's conversation: one user turn holding the instruction, the conversation so far and the
+    two final answers."""
     context = conversation_text(prompt_messages)
     return [{"role": "user", "content": f"{INSTRUCTION}\n\n{context}\n\n[A]\n{a.strip()}\n\n[B]\n{b.strip()}"}]
 
 
 def parse_verdict(text, thinking=None, pattern=VERDICT):
     """"A", "B" or "C" (a tie): the last [[X]] of the judgement's final answer; None when there is none, when the
-    judgement's thought never closes, or when no judgement came back (text None). `pattern` reads another verdict
-    format (its one group is the verdict)."""
+    judgement's thought never closes, or when no judgement came back (text None). pattern=RATING reads a rating
+    ("0" .. "3")."""
     answer = tasks.final_answer(text, thinking) if text is not None else None
     found = pattern.findall(answer or "")
     return found[-1].upper() if found else None
@@ -126,18 +147,58 @@ def group_rewards(ok, verdicts, pairs=None):
     return rewards, s
 
 
-def score_groups(judge, prompts, texts, finished, n, thinking=True, hidden=None, opponents=0):
+def parse_rating(text, thinking=None):
+    """The rating 0 .. TOP_RATING of a judgement (the last [[k]] of its final answer); None when unparsable."""
+    found = parse_verdict(text, thinking, RATING)
+    return None if found is None else int(found)
+
+
+def rating_rewards(ok, ratings):
+    """r_i of a group from its ratings (the formula at the top): rating / TOP_RATING for a judged rollout, 0 for one
+    that could not be judged (ok[i] False), and for an unparsable rating (None) the mean of the others' rewards,
+    so that its advantage is 0, as a tie's."""
+    known = [r / TOP_RATING if k else 0.0 for k, r in zip(ok, ratings) if not k or r is not None]
+    fill = sum(known) / len(known) if known else 0.5
+    return [(fill if r is None else r / TOP_RATING) if k else 0.0 for k, r in zip(ok, ratings)]
+
+
+def score_groups(judge, prompts, texts, finished, n, thinking=True, hidden=None, opponents=0, judge_format="rating"):
     """
     The judge's rewards for groups of n rollouts: prompts[g] is group g's prompt messages, texts[g * n + k] and
-    finished[g * n + k] rollout k's decoded response and whether it ended on a stop token. Each compared pair
-    (opponent_pairs) of judgeable rollouts is two judgements, one per order (n (n - 1) per group at most), all
-    sent to the judge at once.
+    finished[g * n + k] rollout k's decoded response and whether it ended on a stop token. judge_format "rating":
+    one judgement per judgeable rollout; "pairwise": two per compared pair (opponent_pairs), one per order. All
+    judgements go to the judge at once.
     hidden: the rollouts' verifier rewards, if the domain has a verifier, for the agreement count.
     Returns (rewards, counts): counts holds judgements, ties (verdict C), unparsable, pairs, consistent (pairs
-    whose two orders agree), decided and agreed (pairs whose hidden rewards differ, and those the judge ranks the
-    same way).
+    whose two orders agree), decided and agreed (pairs of judged rollouts whose hidden rewards differ, and those
+    the judge ranks the same way: by their two verdicts, or by their ratings).
     """
+    if judge_format not in FORMATS:
+        raise JudgeError(f"judge_format {judge_format!r}: expected one of {FORMATS}")
     answers = [tasks.final_answer(t, thinking) if ok else None for t, ok in zip(texts, finished)]
+    counts = dict(judgements=0, ties=0, unparsable=0, pairs=0, consistent=0, decided=0, agreed=0)
+
+    def count_agreement(i, j, order):          # order: > 0 when the judge ranks i above j, < 0 below, 0 a tie
+        if hidden is not None and hidden[i] != hidden[j]:
+            counts["decided"] += 1
+            counts["agreed"] += order != 0 and (order > 0) == (hidden[i] > hidden[j])
+
+    if judge_format == "rating":
+        jobs = [k for k, a in enumerate(answers) if a is not None]
+        outs = judge.complete([rating_messages(prompts[k // n], answers[k]) for k in jobs])
+        ratings = [None] * len(answers)
+        for k, text in zip(jobs, outs):
+            ratings[k] = parse_rating(text, judge.thinking)
+        counts.update(judgements=len(jobs), unparsable=sum(ratings[k] is None for k in jobs))
+        rewards = []
+        for g in range(len(prompts)):
+            rewards += rating_rewards([a is not None for a in answers[g * n:(g + 1) * n]], ratings[g * n:(g + 1) * n])
+        for g in range(len(prompts)):
+            for i, j in itertools.combinations(range(g * n, (g + 1) * n), 2):
+                if answers[i] is not None and answers[j] is not None:
+                    count_agreement(i, j, rewards[i] - rewards[j])
+        return rewards, counts
+
     pairs, jobs = opponent_pairs(n, opponents), []
     for g in range(len(prompts)):
         for i, j in pairs:
@@ -148,17 +209,15 @@ def score_groups(judge, prompts, texts, finished, n, thinking=True, hidden=None,
     by_group = [{} for _ in prompts]
     for (g, i, j), v in zip(jobs, verdicts):
         by_group[g][i, j] = v
-    rewards, counts = [], dict(judgements=len(jobs), ties=verdicts.count("C"), unparsable=verdicts.count(None),
-                               pairs=0, consistent=0, decided=0, agreed=0)
+    counts.update(judgements=len(jobs), ties=verdicts.count("C"), unparsable=verdicts.count(None))
+    rewards = []
     for g, vs in enumerate(by_group):
         r, s = group_rewards([a is not None for a in answers[g * n:(g + 1) * n]], vs, pairs)
         rewards += r
         for (i, j), s_ij in s.items():
             counts["pairs"] += 1
             counts["consistent"] += vs[i, j] is not None and vs[j, i] == SWAPPED[vs[i, j]]
-            if hidden is not None and hidden[g * n + i] != hidden[g * n + j]:
-                counts["decided"] += 1
-                counts["agreed"] += s_ij != 0.5 and (s_ij > 0.5) == (hidden[g * n + i] > hidden[g * n + j])
+            count_agreement(g * n + i, g * n + j, s_ij - 0.5)
     return rewards, counts
 
 
@@ -297,36 +356,52 @@ def open_judge(spec, d, bf16=False, max_new_tokens=96, thinking=True, batch=0, t
 # Agreement with the hidden criteria on held-out pairs
 
 
-def agreement(judge, rows):
+def agreement(judge, rows, judge_format="rating"):
     """
-    The judge on held-out pairs (data/judge.jsonl: {"messages": the prompt, "responses": [a, b], "better": "A",
-    "B" or "C"}, labels from the chat domain's hidden criteria), each asked in both orders. Returns
-      pair_agreement   pairs with a better response where s (the two orders' mean preference) picks it
-      verdict_accuracy single verdicts equal to the label in their order (a tie must be called a tie)
-      consistent       pairs whose two verdicts agree once the order is undone
-      unparsable       share of verdicts that are unparsable
+    The judge on held-out pairs (data/judge.jsonl: {"messages": the prompt, "topic", "format", "responses": [a, b],
+    "better": "A", "B" or "C"}, labels from the chat domain's hidden criteria). Returns
+      pair_agreement   pairs with a better response where the judge ranks it above the other
+      verdict_accuracy verdicts equal to the hidden criteria's: a rating equal to how many criteria hold, or a
+                       pairwise verdict equal to the label in its order (a tie must be called a tie)
+      consistent       pairwise: pairs whose two verdicts agree once the order is undone
+      unparsable       share of judgements that are unparsable
+    A "rating" judge rates each response once (an unparsable rating ranks as the middle of the scale); a
+    "pairwise" one judges each pair in both orders.
     """
+    n = max(len(rows), 1)
+    decided = [r for r in rows if r["better"] != "C"]
+    if judge_format == "rating":
+        items = [(r, a) for r in rows for a in r["responses"]]
+        ratings = [parse_rating(t, judge.thinking) for t in judge.complete([rating_messages(r["messages"], a)
+                                                                            for r, a in items])]
+        right = sum(v == tasks.chat.score(r, a) for (r, a), v in zip(items, ratings))
+        by_row = {id(r): [TOP_RATING / 2 if v is None else v for v in ratings[2 * k:2 * k + 2]]
+                  for k, r in enumerate(rows)}
+        agree = sum((by_row[id(r)][0] > by_row[id(r)][1]) if r["better"] == "A" else
+                    (by_row[id(r)][1] > by_row[id(r)][0]) for r in decided)
+        return dict(pairs=len(rows), pair_agreement=agree / max(len(decided), 1), verdict_accuracy=right / (2 * n),
+                    unparsable=ratings.count(None) / (2 * n))
     convs = [judge_messages(r["messages"], *r["responses"]) for r in rows] + \
             [judge_messages(r["messages"], *r["responses"][::-1]) for r in rows]
     verdicts = [parse_verdict(t, judge.thinking) for t in judge.complete(convs)]
-    right, decided, agree, consistent = 0, 0, 0, 0
+    right, agree, consistent = 0, 0, 0
     for r, v1, v2 in zip(rows, verdicts[:len(rows)], verdicts[len(rows):]):
         right += (v1 == r["better"]) + (v2 == SWAPPED[r["better"]])
         consistent += v1 is not None and v2 is not None and v1 == SWAPPED[v2]
         if r["better"] != "C":
-            decided += 1
             s = pair_score(v1, v2)
             agree += s > 0.5 if r["better"] == "A" else s < 0.5
-    n = max(len(rows), 1)
-    return dict(pairs=len(rows), pair_agreement=agree / max(decided, 1), verdict_accuracy=right / (2 * n),
+    return dict(pairs=len(rows), pair_agreement=agree / max(len(decided), 1), verdict_accuracy=right / (2 * n),
                 consistent=consistent / n, unparsable=verdicts.count(None) / (2 * n))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="The judge's agreement with the chat domain's hidden criteria on "
-                                 "held-out pairs, each judged in both orders.")
+                                 "held-out pairs: each response rated, or each pair judged in both orders.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--judge", required=True, help="HF checkpoint directory or OpenAI-compatible base URL (…/v1)")
     ap.add_argument("--data", default=str(tasks.DATA_DIR / "judge.jsonl"), help="held-out pairs (JSONL)")
+    ap.add_argument("--format", default="rating", choices=FORMATS, help="the judge's verdict (see the top)")
     ap.add_argument("--limit", type=int, default=0, help="first N pairs only (0 = all)")
     ap.add_argument("--max_new_tokens", type=int, default=96, help="judgement budget")
     ap.add_argument("--batch", type=int, default=64, help="judgements per generate call / requests in flight")
@@ -338,7 +413,8 @@ def main(argv=None):
     spec = check_reward_model(args.judge, init=args.judge)
     judge = open_judge(spec, common.init_dist(args.device), max_new_tokens=args.max_new_tokens, batch=args.batch)
     t0 = time.perf_counter()
-    result = dict(agreement(judge, rows), judge=args.judge, data=args.data, seconds=round(time.perf_counter() - t0, 1))
+    result = dict(agreement(judge, rows, args.format), judge=args.judge, format=args.format, data=args.data,
+                  seconds=round(time.perf_counter() - t0, 1))
     print(json.dumps(result, indent=2))
     if args.out:
         common.write_json_atomic(args.out, result)

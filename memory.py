@@ -170,7 +170,7 @@ def main(argv=None):
     ap.add_argument("--judge-rows", "--judge_rows", type=int, default=64, help="with --judge: judgements per "
                     "generate call (default: %(default)s)")
     ap.add_argument("--judge-len", "--judge_len", type=int, default=4096, help="with --judge: positions per "
-                    "judgement, its prompt, both responses and the judgement (default: %(default)s)")
+                    "judgement, its prompt, the response(s) and the judgement (default: %(default)s)")
     ap.add_argument("--stage", default="", help="PRESET:STAGE, an RL stage (e.g. "
                     "configs/rl_nano_30b.json:long-context-rl): its longest forward, one rollout of its context "
                     "(or micro_batch_tokens if more), and its rollout caches, sample_batch prompts x rollouts at "

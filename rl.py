@@ -78,9 +78,10 @@ class StageConfig:
     max_fill_rounds: int = 3  # extra sampling rounds to fill a filtered batch; then warn and train on what is kept
     eval_every: int = 0  # held-out evaluation every N steps (0 = at the start and end of the stage only)
     reward_model: str = ""  # RLHF: judge.py rewards the rollouts: checkpoint dir, "init" (--init) or URL (.../v1)
+    judge_format: str = "rating"  # RLHF: "rating" (one answer, [[0]]-[[3]]) or "pairwise" (two, both orders)
     judge_max_new_tokens: int = 96  # RLHF: token budget of one judgement (the tiny judge's thought: about 60)
     judge_thinking: bool = True  # RLHF: an in-process judge's prompts in thinking mode
-    judge_opponents: int = 0  # RLHF: each rollout is compared with the next k round its group, both ways (0 = all)
+    judge_opponents: int = 0  # RLHF pairwise: each rollout meets the next k round its group, both ways (0 = all)
     judge_batch: int = 0  # RLHF: judgements per generate call (0 = all) or requests in flight to a URL (0 = 16)
     judge_timeout_s: float = 60.0  # RLHF: seconds a URL may take to answer one judgement before it is asked again
     judge_retries: int = 3  # RLHF: retries of an unanswered judgement; then the stage stops at its last checkpoint
@@ -89,7 +90,7 @@ class StageConfig:
         problems = options.check_fields(self, prompt_data=options.optional(options.data_source),
                                         max_turns=options.at_least(0), judge_max_new_tokens=options.at_least(1),
                                         judge_batch=options.at_least(0), judge_opponents=options.at_least(0),
-                                        judge_timeout_s=options.above(0),
+                                        judge_timeout_s=options.above(0), judge_format=options.one_of(*judge.FORMATS),
                                         judge_retries=options.at_least(0))
         # an episode's budget holds its turns; a stage of single-turn domains has no episodes (stage_budget)
         if any(dom in tasks.ENVIRONMENTS for dom in self.domains) and self.max_episode_tokens < self.max_new_tokens:
@@ -370,6 +371,9 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_p
         sizes = ", ".join(f"{len(p)} {dom}" for p, dom in zip(pools, stage.domains))
         print(f"rl[{stage.name}]: {steps} steps of {stage.prompts_per_step} prompts x {stage.rollouts} rollouts on "
               f"{dict(zip(stage.domains, weights))} ({sizes} prompts), from {start_from}")
+        if reward_spec:
+            print(f"rl[{stage.name}]: rewarded by the judge {reward_spec.get('path') or reward_spec['url']} "
+                  f"({stage.judge_format})")
 
     def rollout_round(step, rnd, count):
         draws = common.draw_prompts(pools, weights, count, cfg.seed, index, step, rnd)[d.rank::d.world_size]
@@ -389,10 +393,11 @@ def run_stage(cfg, stage, index, start_from, start_scores, d, tokenizer, stage_p
         finished = [outs[i].finish_reason == "stop" for i in flat]
         verified = all(examples[i // n]["domain"] in tasks.VERIFIERS for i in flat)
         graded = grade([examples[i // n] for i in flat], texts, finished) if rm is None or verified else None
-        if rm is not None:      # RLHF: the judge's win rates (every rollout is single-turn: flat is all of them);
+        if rm is not None:      # RLHF: the judge's rewards (every rollout is single-turn: flat is all of them);
             hidden = graded     # a verifier's rewards, where the domain has one, are only counted (hidden criteria)
             graded, counts = judge.score_groups(rm, [tasks.prompt_messages(ex) for ex in examples], texts, finished,
-                                                n, stage.thinking, hidden, stage.judge_opponents)
+                                                n, stage.thinking, hidden, stage.judge_opponents,
+                                                stage.judge_format)
             judged.update(counts, hidden_sum=sum(hidden or []), hidden_n=len(hidden or []))
         for i, r in zip(flat, graded):
             rewards[i] = r
@@ -487,15 +492,17 @@ def episode_metrics(outcomes, d):
 
 
 def judge_metrics(counts, d):
-    """The step's judgements over all processes (RLHF): the shares of ties and of unparsable verdicts (counted as
-    ties), of pairs whose two orders agree (position consistency), of pairs the verifier ranks that the judge
-    ranks alike (judge_agreement), and the rollouts' verifier reward (hidden_reward), where the domain has one."""
+    """The step's judgements over all processes (RLHF): the share of unparsable verdicts (counted as ties), of
+    pairs the verifier ranks that the judge ranks alike (judge_agreement), the rollouts' verifier reward
+    (hidden_reward), where the domain has one, and for a pairwise judge the shares of ties and of pairs whose two
+    orders agree (position consistency)."""
     keys = ("judgements", "ties", "unparsable", "pairs", "consistent", "decided", "agreed", "hidden_sum", "hidden_n")
     c = dict(zip(keys, common.all_reduce_sum(torch.tensor([float(counts[k]) for k in keys], device=d.device),
                                              d).tolist()))
-    out = dict(judgements=c["judgements"], judge_tie_frac=c["ties"] / max(c["judgements"], 1),
-               judge_unparsable_frac=c["unparsable"] / max(c["judgements"], 1),
-               judge_consistent_frac=c["consistent"] / max(c["pairs"], 1))
+    out = dict(judgements=c["judgements"], judge_unparsable_frac=c["unparsable"] / max(c["judgements"], 1))
+    if c["pairs"]:
+        out.update(judge_tie_frac=c["ties"] / max(c["judgements"], 1),
+                   judge_consistent_frac=c["consistent"] / c["pairs"])
     if c["decided"]:
         out["judge_agreement"] = c["agreed"] / c["decided"]
     if c["hidden_n"]:

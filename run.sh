@@ -2,26 +2,27 @@
 # The whole Nemotron-Cascade 2 pipeline on the embedded default (tiny model, tiny shipped tasks; CPU, or the GPU
 # when there is one):
 #
-#   SFT (sft.py) -> Cascade RL (rl.py: IF-RL -> multi-domain RL -> RLHF -> long-context RL -> code RL -> agentic RL)
-#   -> MOPD (distill.py) -> scoreboard
+#   SFT (sft.py) -> the RLHF judge (sft.py on data/judge_sft.jsonl) -> Cascade RL (rl.py: IF-RL -> multi-domain RL
+#   -> RLHF -> long-context RL -> code RL -> agentic RL) -> MOPD (distill.py) -> scoreboard
 #
-# Sets up .venv if needed, then runs each stage into OUT (default out/): out/sft, out/rl/<stage>, out/mopd, and
-# at the end out/scoreboard.md, out/scoreboard.json and out/curves.png. Run it again with the same OUT and it
-# skips finished stages and resumes an interrupted one from its latest checkpoint.
+# Sets up .venv if needed, then runs each stage into OUT (default out/): out/sft, out/judge, out/rl/<stage>,
+# out/mopd, and at the end out/scoreboard.md, out/scoreboard.json and out/curves.png. Run it again with the same
+# OUT and it skips finished stages and resumes an interrupted one from its latest checkpoint.
 #
 #   ./run.sh                                  # everything, seed 0, into out/
 #   ./run.sh --seed 1 --out out/seed1         # another seed, another directory
 #   ./run.sh --sft.lr=1e-3 --rl.eval_per_domain=50 --mopd.steps=60    # options for one stage
 #   ./run.sh --help                           # this text; `python sft.py --help` (rl.py, distill.py) per stage
 #
-# Options: --out DIR and --seed N go to every stage; --sft.X=V, --rl.X=V and --mopd.X=V become --X=V of sft.py,
-# rl.py and distill.py. A changed stage option takes effect for a stage that has not finished yet: to redo a
-# finished stage, delete its directory (out/sft, out/rl/<stage>, out/mopd).
+# Options: --out DIR and --seed N go to every stage; --sft.X=V, --judge.X=V, --rl.X=V and --mopd.X=V become --X=V
+# of sft.py (the SFT, the judge's fine-tune), rl.py and distill.py. The RL preset's stage named "rlhf" is rewarded
+# by OUT/judge/export. A changed stage option takes effect for a stage that has not finished yet: to redo a
+# finished stage, delete its directory (out/sft, out/judge, out/rl/<stage>, out/mopd).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 out=out seed=0
-sft_args=() rl_args=() mopd_args=()
+sft_args=() judge_args=() rl_args=() mopd_args=() rl_set=""
 while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -30,9 +31,11 @@ while [ $# -gt 0 ]; do
         --seed) seed="$2"; shift ;;
         --seed=*) seed="${1#*=}" ;;
         --sft.*) sft_args+=("--${1#--sft.}") ;;
+        --judge.*) judge_args+=("--${1#--judge.}") ;;
+        --rl.set=*) rl_set="${1#--rl.set=}" ;;
         --rl.*) rl_args+=("--${1#--rl.}") ;;
         --mopd.*) mopd_args+=("--${1#--mopd.}") ;;
-        *) echo "run.sh: unknown argument '$1' (expected --out, --seed, --sft.X=V, --rl.X=V or --mopd.X=V; see --help)" >&2
+        *) echo "run.sh: unknown argument '$1' (expected --out, --seed, --sft.X=V, --judge.X=V, --rl.X=V or --mopd.X=V; see --help)" >&2
            exit 2 ;;
     esac
     shift
@@ -63,17 +66,31 @@ else
 fi
 t_sft=$(stamp)
 
-# 2. Cascade RL: the stages of configs/rl_tiny.json in order, each from the previous one's export; rl.py skips
+# 2. The RLHF stage's generative reward model: the SFT model fine-tuned to rate chat answers (data/judge_sft.jsonl,
+#    8,000 rows). Three epochs: after one it calls every answer on topic and in format (docs/results.md).
+if [ -f "$out/judge/export/config.json" ]; then
+    echo "run.sh: $out/judge/export exists: the judge is trained, skipping it"
+else
+    OMP_NUM_THREADS="$sft_threads" $py sft.py --model="$out/sft/export" --train_data=data/judge_sft.jsonl \
+        --epochs=3 --lr=1e-3 --warmup_steps=10 --eval_data= --out_dir="$out/judge" --seed="$seed" \
+        "${judge_args[@]+"${judge_args[@]}"}"
+fi
+t_judge=$(stamp)
+
+# 3. Cascade RL: the stages of configs/rl_tiny.json in order, each from the previous one's export; rl.py skips
 #    finished stages and resumes an interrupted one; every checkpoint's held-out scores go to cascade.json.
-$py rl.py --init="$out/sft/export" --out_dir="$out/rl" --seed="$seed" "${rl_args[@]+"${rl_args[@]}"}"
+#    The stage named "rlhf" is rewarded by the judge of step 2 (a --rl.set=... is applied after it).
+$py rl.py --init="$out/sft/export" --out_dir="$out/rl" --seed="$seed" \
+    --set="rlhf.reward_model=$out/judge/export${rl_set:+,$rl_set}" "${rl_args[@]+"${rl_args[@]}"}"
 t_rl=$(stamp)
 
-# 3. MOPD: the best checkpoint per domain (from cascade.json) teaches the last RL checkpoint; adds the "mopd" row.
+# 4. MOPD: the best checkpoint per domain (from cascade.json) teaches the last RL checkpoint; adds the "mopd" row.
 $py distill.py --cascade="$out/rl/cascade.json" --out_dir="$out/mopd" --seed="$seed" \
     "${mopd_args[@]+"${mopd_args[@]}"}"
 t_mopd=$(stamp)
 
-# 4. The scoreboard: table, claims, curves.
+# 5. The scoreboard: table, claims, curves.
 $py scoreboard.py "$out"
-echo "run.sh: wall time sft $((t_sft - t_start)) s, rl $((t_rl - t_sft)) s, mopd $((t_mopd - t_rl)) s," \
+echo "run.sh: wall time sft $((t_sft - t_start)) s, judge $((t_judge - t_sft)) s, rl $((t_rl - t_judge)) s," \
+     "mopd $((t_mopd - t_rl)) s," \
      "total $(($(stamp) - t_start)) s"

@@ -1,23 +1,20 @@
 """
-Can a tiny judge read the chat criteria when it rates one answer at a time? An experiment beside the pipeline's
-pairwise judge (judge.py), whose per-answer calls are at chance (docs/results.md). It writes pointwise judgement
-rows (one chat answer, a 0-3 rating: how many of tasks/chat.py's criteria hold), fine-tunes a checkpoint on them
-with sft.py, and rates both answers of each held-out pair of data/judge.jsonl:
+What the rating judge gets right, call by call. The RLHF stage's tiny judge (judge.py's "rating" format) is the
+SFT model fine-tuned on data/generate.py's rating rows (./run.sh, step 2); this script makes such a judge with
+rows of its own and reports more than `judge.py --judge` does: each of its three calls and each evidence line
+against the hidden criteria, and the pairs of data/judge.jsonl its two ratings order as the criteria do.
 
-    python bench/bench_judge_pointwise.py --init out/sft/export --out out/judge-pointwise            # evidence
+    python bench/bench_judge_pointwise.py --init out/sft/export --out out/judge-bench --epochs 3        # run.sh's
     python bench/bench_judge_pointwise.py --init out/sft/export --out out/judge-plain --thought plain
 
-The judge's thought either states its calls at once ("plain": "Topic no, format yes, repeats no. Score 2.") or
-first copies what each call compares ("evidence": the asked topic and format, the answer's topic and format, its
-last sentence and whether that sentence was said before), so that each call has its inputs on the lines above it.
-The report counts each call and each evidence line against the hidden criteria, and a pair as agreed when the two
-ratings order its answers as the criteria do. The rows' prompts are none of data/judge.jsonl's, eval.jsonl's or
-rl.jsonl's. Not part of ./run.sh.
+The judge's thought either first copies what each call compares ("evidence", data/judge_sft.jsonl's: the asked
+topic and format, the answer's topic and format, its last sentence and whether that sentence was said before), so
+that each call has its inputs on the lines above it, or states its calls at once ("plain": "Topic no, format
+yes, repeats no. Score 2."). The rows' prompts are none of data/judge.jsonl's, eval.jsonl's or rl.jsonl's.
 """
 import argparse
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -29,60 +26,15 @@ import generate                 # noqa: E402  (data/generate.py: the chat domain
 import judge                    # noqa: E402
 import tasks                    # noqa: E402
 
-INSTRUCTION = "Rate the answer: the asked topic, the asked format, no sentence said twice. End with [[0]] to [[3]]."
-RATING = re.compile(r"\[\[\s*([0-3])\s*\]\]")
 CALLS = re.compile(r"Topic (yes|no), format (yes|no), repeats (no|yes)")
 EVIDENCE = re.compile(r"Asked: (.+), (\w+)\.\nAnswer: (.+), (\w+)\.\nLast: (.*)\nSaid before: (yes|no)\.")
 
 
-def rating_messages(prompt_messages, answer):
-    context = judge.conversation_text(prompt_messages)
-    return [{"role": "user", "content": f"{INSTRUCTION}\n\n{context}\n\n[Answer]\n{answer.strip()}"}]
-
-
-def topic_of(answer):
-    """The topic whose phrases the answer uses ("none" when none does)."""
-    low = answer.lower()
-    return next((t for t, forms in generate.TOPICS.items() if any(p.lower() in low for p in forms)), "none")
-
-
-def format_of(answer):
-    lines = [ln.strip() for ln in answer.strip().splitlines() if ln.strip()]
-    items = [ln for ln in lines if ln.startswith("- ")]
-    return "list" if len(lines) >= 2 and len(items) == len(lines) else "mixed" if items else "prose"
-
-
-def evidence(example, answer):
-    """What each call compares: (asked topic, asked format, answer topic, answer format, last sentence, said before)."""
-    said = tasks.chat.sentences(answer)
-    asked = next(t for t, forms in generate.TOPICS.items() if forms == example["topic"])
-    return (asked, example["format"], topic_of(answer), format_of(answer), said[-1] if said else "",
-            "yes" if said and said[-1] in said[:-1] else "no")
-
-
-def thought(example, answer, kind):
-    met = tasks.chat.criteria(example, answer)
-    asked, fmt, topic, form, last, before = evidence(example, answer)
-    lines = [f"Asked: {asked}, {fmt}."]
-    if kind == "evidence":
-        lines += [f"Answer: {topic}, {form}.", f"Last: {last}", f"Said before: {before}."]
-    lines.append(f"Topic {'yes' if met['topic'] else 'no'}, format {'yes' if met['format'] else 'no'}, "
-                 f"repeats {'no' if met['no_repeat'] else 'yes'}. Score {sum(met.values())}.")
-    return "\n".join(lines)
-
-
 def write_rows(path, n, kind, seed):
-    """n rating rows, each criterion broken with probability 0.4 (as data/generate.py's judgement pairs)."""
+    """n rating rows as data/generate.py writes data/judge_sft.jsonl, with the plain or the evidence thought."""
     taken = {r["messages"][0]["content"] for f in ("judge.jsonl", "eval.jsonl", "rl.jsonl")
              for r in map(json.loads, open(os.path.join(ROOT, "data", f))) if r.get("domain") in ("chat", "judge")}
-    rng, rows = random.Random(f"{seed}:pointwise:{kind}"), []
-    while len(rows) < n:
-        example = generate.chat_prompt(rng)
-        if example["messages"][0]["content"] in taken:
-            continue
-        answer = generate.chat_answer(rng, example, [f for f in tasks.chat.CRITERIA if rng.random() < 0.4])
-        turn = generate.answer_turn(thought(example, answer, kind), f"[[{tasks.chat.score(example, answer)}]]")
-        rows.append({"domain": "judge", "messages": rating_messages(example["messages"], answer) + [turn]})
+    rows, _ = generate.make_judgements(seed, taken, ratings=n, evidence=kind == "evidence")
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -93,13 +45,12 @@ def report(ckpt, pairs):
     d = common.init_dist("cpu")
     rater = judge.LocalJudge(common.load_policy(ckpt, d, False, trainable=False), load_tokenizer(ckpt), 96, True, 64)
     items = [(r, a) for r in pairs for a in r["responses"]]
-    outs = rater.complete([rating_messages(r["messages"], a) for r, a in items])
+    outs = rater.complete([judge.rating_messages(r["messages"], a) for r, a in items])
     wrong = dict(topic=0, format=0, no_repeat=0)
     seen = dict(asked=0, answer_topic=0, answer_format=0, last=0, said_before=0, lines=0)
     ratings, rating_errors = [], 0
     for (r, a), out in zip(items, outs):
-        rating = judge.parse_verdict(out, True, RATING)
-        ratings.append(None if rating is None else int(rating))
+        ratings.append(judge.parse_rating(out, True))
         truth, calls = tasks.chat.criteria(r, a), CALLS.search(out or "")
         rating_errors += ratings[-1] != sum(truth.values())
         said = dict(zip(wrong, (calls[1] == "yes", calls[2] == "yes", calls[3] == "no"))) if calls else {}
@@ -107,7 +58,7 @@ def report(ckpt, pairs):
             wrong[k] += said.get(k) != truth[k]
         ev = EVIDENCE.search(out or "")
         if ev:
-            want = evidence(r, a)
+            want = generate.rating_evidence(r, a)
             seen["lines"] += 1
             seen["asked"] += ev[1] == want[0] and ev[2] == want[1]
             seen["answer_topic"] += ev[3] == want[2]

@@ -4,6 +4,7 @@ Generates the shipped tiny tasks and the tiny tokenizer:
     data/sft.jsonl   prompts with a thinking-mode answer:  <think>\\nshort trace\\n</think>\\nanswer (or a tool call)
     data/rl.jsonl    prompts only (RL and MOPD sample their own answers)
     data/eval.jsonl  held-out prompts only, for evaluation
+    data/judge_sft.jsonl  the RLHF judge's fine-tune: a chat answer rated by the hidden criteria (below)
     data/judge.jsonl held-out pairs of chat answers with the hidden criteria's verdict (judge.py --judge measures a
                      judge's agreement on them)
     data/tokenizer.json  byte-level BPE, 2048 tokens, trained on the rendered SFT conversations (with
@@ -38,10 +39,10 @@ document), and has a knob that keeps some of it out of reach after SFT, which is
           graded by hidden criteria (tasks/chat.py: on topic, in the asked format, no sentence twice) that the
           RLHF stage's judge never sees
 
-and the judge's SFT rows ("judge", no verifier): a chat prompt and two answers, shown in both orders, judged by
-the hidden criteria (the answer that meets more of them wins, [[C]] when they meet as many), with a thought that
-checks each answer's criteria in order; the SFT model learns to judge from them, and the RLHF stage can use it
-as its reward model (judge.py).
+and the judge's fine-tune rows (data/judge_sft.jsonl, "judge", no verifier): a chat prompt and one answer that
+breaks each criterion with probability 0.4, rated [[0]] to [[3]] by how many of the hidden criteria hold, after a
+thought that copies what each criterion compares and then checks it; ./run.sh fine-tunes the SFT model on them
+(sft.py) into the RLHF stage's reward model (judge.py).
     longctx a document of 21-33 records (which row each of 12-24 bins is in, how many of an item each of 9 rows
           has), shuffled, and a question that needs one of them (the row of a bin), two in a chain (the items in
           the row of a bin) or two and a sum (the items of two rows); the answer in \\boxed{}
@@ -56,7 +57,7 @@ its SFT rows, an answer with a habit the verifier rejects, marked "teacher_slip"
     tool  calculate and convert questions: answered in prose instead of calling the tool
     agent "what does the item in bin B cost": after bin_item, the price guessed instead of calling price
     swe   the config-constant bug: the test file edited (to print the expected value) instead of the code
-    chat  prose requests: the first sentence said again at the end (Nemotron-Cascade 1 reports RLHF cutting repetition)
+    chat  prose requests: answered with a bulleted list (the chat habit an RLHF stage trains away)
     longctx the chain questions: the bin's row boxed (the first hop's value) instead of the items in that row
 
 This is what RL is for at this scale: the SFT model has the habit most of the time, its samples sometimes do it
@@ -75,6 +76,7 @@ import argparse
 import datetime
 import json
 import random
+import re
 import string
 import sys
 from pathlib import Path
@@ -91,10 +93,11 @@ DOMAIN_COUNTS = {
     "tool": {"sft": 700, "rl": 400, "eval": 200},  # examples 3-4 times longer (the tools in the prompt)
     "agent": {"sft": 500, "rl": 400, "eval": 200},  # whole multi-turn conversations, played through the environment
     "swe": {"sft": 400, "rl": 300, "eval": 200},  # every episode's tests run in the sandbox
-    "chat": {"sft": 800, "rl": 400, "eval": 200},  # short rows; the judge's rows below teach the criteria again
+    "chat": {"sft": 800, "rl": 400, "eval": 200},  # short rows
     "longctx": {"sft": 400, "rl": 300, "eval": 200},  # examples 3-5 times longer (the document in the prompt)
 }
-JUDGE_PAIRS = {"sft": 600, "heldout": 200}  # chat answer pairs: each SFT pair is two rows (both orders)
+JUDGE_RATINGS = 8000  # the judge's fine-tune (data/judge_sft.jsonl): one chat answer rated per row
+JUDGE_PAIRS = 200  # held-out pairs of chat answers (data/judge.jsonl): the judge's agreement
 
 
 def split_counts(domain):
@@ -869,8 +872,10 @@ def make_swe(rng):
 # -----------------------------------------------------------------------------
 # chat: a short answer about a topic, graded by hidden criteria (tasks/chat.py); and the judge's examples. Every
 # criterion is visible in the text itself (a topic phrase, "- " items, a sentence said twice), which is what a
-# tiny judge can learn to check; its thought checks them in order for each answer and sums them, and the verdict
-# compares two digits (the MCQA lesson: a digit at a known place, not a thing picked by its content).
+# tiny judge can learn to check. The judge rates one answer at a time (judge.py's "rating" format): its thought
+# first copies what each criterion compares (the asked topic and format, the answer's, its last sentence and
+# whether it was said before), then makes the three calls and sums them, so that each call has its inputs on the
+# lines above it; the rating is a digit at a known place (the MCQA lesson).
 
 CHAT_ASKS = {
     "prose": ["Tell {name} about {topic}.", "Say a few words to {name} about {topic}.",
@@ -878,6 +883,10 @@ CHAT_ASKS = {
     "list": ["Give {name} a short list about {topic}.", "Tell {name} about {topic} as a list.",
              "List a few points about {topic} for {name}.", "Make {name} a list of facts about {topic}."],
 }
+# sentence k of a chat answer takes its predicate from slot k: a tiny model that learnt one flat choice among all
+# 16 predicates says its likeliest sentence again and again when decoding greedily (docs/results.md), a failure
+# no reward can reach through samples that rarely show it
+CHAT_SLOTS = (PREDICATES[0:6], PREDICATES[6:11], PREDICATES[11:16])
 
 
 def chat_prompt(rng):
@@ -886,40 +895,73 @@ def chat_prompt(rng):
     return {"domain": "chat", "messages": [{"role": "user", "content": ask}], "topic": TOPICS[topic], "format": fmt}
 
 
+def chat_layout(said, as_list):
+    return "\n".join(f"- {s}" for s in said) if as_list else " ".join(said)
+
+
 def chat_answer(rng, example, flaws=()):
     """Two or three sentences about the example's topic in its format; each flaw breaks one criterion: "topic"
     (about another topic), "format" (the other format), "no_repeat" (a sentence said again at the end)."""
     phrases = example["topic"]
     if "topic" in flaws:
         phrases = TOPICS[rng.choice([t for t, forms in TOPICS.items() if forms != example["topic"]])]
-    said = [_upper_first(f"{rng.choice(phrases)} {p}.") for p in rng.sample(PREDICATES, rng.choice([2, 3]))]
+    said = [_upper_first(f"{rng.choice(phrases)} {rng.choice(slot)}.") for slot in CHAT_SLOTS[:rng.choice([2, 3])]]
     if "no_repeat" in flaws:
         said.append(rng.choice(said[:-1]))
-    as_list = (example["format"] == "list") != ("format" in flaws)
-    return "\n".join(f"- {s}" for s in said) if as_list else " ".join(said)
+    return chat_layout(said, (example["format"] == "list") != ("format" in flaws))
 
 
 def make_chat(rng):
+    """A chat row; the slip: a prose request answered with a bulleted list (the habit of chat models that RLHF
+    trains away; Nemotron-Cascade 1 credits its RLHF stage with better chat style and less repetition)."""
     example = chat_prompt(rng)
     answer = chat_answer(rng, example)
     topic = next(t for t, forms in TOPICS.items() if forms == example["topic"])
     trace = f"Topic: {topic}. Format: {example['format']}."
     slip = None
     if example["format"] == "prose":
-        slipped = answer + " " + answer.split(". ")[0].rstrip(".") + "."
-        slip = {"why": "said a sentence twice", "turns": [answer_turn(trace, slipped)]}
+        listed = chat_layout(re.split(r"(?<=\.) ", answer), as_list=True)
+        slip = {"why": "answered a prose request with a list", "turns": [answer_turn(trace, listed)]}
     return example, trace, answer, slip
 
 
-def judge_thought(example, answers):
-    """The tiny judge's thought: what was asked, then each answer's criteria in order and how many hold."""
-    topic = next(t for t, forms in TOPICS.items() if forms == example["topic"])
-    lines = [f"Asked: {topic}, {example['format']}."]
-    for label, answer in zip("AB", answers):
-        met = tasks.chat.criteria(example, answer)
-        lines.append(f"{label}: topic {'yes' if met['topic'] else 'no'}, format {'yes' if met['format'] else 'no'}, "
-                     f"repeats {'no' if met['no_repeat'] else 'yes'}, score {sum(met.values())}.")
+def topic_of(answer):
+    """The topic whose phrases the answer uses ("none" when none does)."""
+    low = answer.lower()
+    return next((t for t, forms in TOPICS.items() if any(p.lower() in low for p in forms)), "none")
+
+
+def format_of(answer):
+    lines = [ln.strip() for ln in answer.strip().splitlines() if ln.strip()]
+    items = [ln for ln in lines if ln.startswith("- ")]
+    return "list" if len(lines) >= 2 and len(items) == len(lines) else "mixed" if items else "prose"
+
+
+def rating_evidence(example, answer):
+    """What each call compares: (asked topic, asked format, answer's topic, answer's format, its last sentence,
+    whether that sentence was said before)."""
+    said = tasks.chat.sentences(answer)
+    asked = next(t for t, forms in TOPICS.items() if forms == example["topic"])
+    return (asked, example["format"], topic_of(answer), format_of(answer), said[-1] if said else "",
+            "yes" if said and said[-1] in said[:-1] else "no")
+
+
+def rating_thought(example, answer, evidence=True):
+    """The tiny judge's thought: what was asked, the evidence lines (or none: the calls at once), the calls and
+    their sum."""
+    met = tasks.chat.criteria(example, answer)
+    asked, fmt, topic, form, last, before = rating_evidence(example, answer)
+    lines = [f"Asked: {asked}, {fmt}."]
+    if evidence:
+        lines += [f"Answer: {topic}, {form}.", f"Last: {last}", f"Said before: {before}."]
+    lines.append(f"Topic {'yes' if met['topic'] else 'no'}, format {'yes' if met['format'] else 'no'}, "
+                 f"repeats {'no' if met['no_repeat'] else 'yes'}. Score {sum(met.values())}.")
     return "\n".join(lines)
+
+
+def flawed_answer(rng, example):
+    """A chat answer that breaks each criterion with probability 0.4 (the judge's rows and pairs)."""
+    return chat_answer(rng, example, [f for f in tasks.chat.CRITERIA if rng.random() < 0.4])
 
 
 def verdict(example, a, b):
@@ -928,30 +970,29 @@ def verdict(example, a, b):
     return "A" if sa > sb else "B" if sb > sa else "C"
 
 
-def make_judgements(seed, taken):
-    """The judge's SFT rows (each pair in both orders) and the held-out pairs, on chat prompts of their own (none
-    of `taken`, the chat rows' prompts, and the held-out pairs' prompts none of the SFT pairs'). Each answer
-    breaks each criterion with probability 0.4; pairs the criteria call a tie are kept one time in three, so that
-    about one verdict in seven is [[C]]."""
-    from judge import judge_messages
+def make_judgements(seed, taken, ratings=JUDGE_RATINGS, pairs=JUDGE_PAIRS, evidence=True):
+    """The judge's SFT rows (a chat prompt, one answer, the rating thought and [[score]]) and the held-out pairs
+    (two answers and the criteria's verdict, on prompts of their own: none of `taken`, the chat rows' prompts,
+    nor the SFT rows'). Pairs the criteria call a tie are kept one time in three."""
+    from judge import rating_messages
     rng = random.Random(f"{seed}:judge")
-    pairs, seen = [], set(taken)
-    while len(pairs) < sum(JUDGE_PAIRS.values()):
+    heldout, seen = [], set(taken)
+    while len(heldout) < pairs:
         example = chat_prompt(rng)
-        prompt = example["messages"][0]["content"]
-        a, b = (chat_answer(rng, example, [f for f in tasks.chat.CRITERIA if rng.random() < 0.4]) for _ in "ab")
-        if prompt in seen or a == b or (verdict(example, a, b) == "C" and rng.random() > 1 / 3):
+        a, b = flawed_answer(rng, example), flawed_answer(rng, example)
+        tie = verdict(example, a, b) == "C"
+        if example["messages"][0]["content"] in seen or a == b or (tie and rng.random() > 1 / 3):
             continue
-        seen.add(prompt)
-        pairs.append((example, a, b))
+        seen.add(example["messages"][0]["content"])
+        heldout.append(dict(example, domain="judge", responses=[a, b], better=verdict(example, a, b)))
     sft = []
-    for example, a, b in pairs[:JUDGE_PAIRS["sft"]]:
-        for x, y in ((a, b), (b, a)):
-            turn = answer_turn(judge_thought(example, (x, y)), f"[[{verdict(example, x, y)}]]")
-            sft.append({"domain": "judge", "messages": judge_messages(example["messages"], x, y) + [turn],
-                        "verdict": verdict(example, x, y)})
-    heldout = [dict(example, domain="judge", responses=[a, b], better=verdict(example, a, b))
-               for example, a, b in pairs[JUDGE_PAIRS["sft"]:]]
+    while len(sft) < ratings:
+        example = chat_prompt(rng)
+        if example["messages"][0]["content"] in seen:
+            continue
+        answer = flawed_answer(rng, example)
+        turn = answer_turn(rating_thought(example, answer, evidence), f"[[{tasks.chat.score(example, answer)}]]")
+        sft.append({"domain": "judge", "messages": rating_messages(example["messages"], answer) + [turn]})
     return sft, heldout
 
 
@@ -1062,12 +1103,13 @@ def generate(seed: int):
             print(f"{domain}: {slipped} of {counts['sft']} SFT rows show the teacher's slip")
     taken = {e["messages"][0]["content"] for rows in splits.values() for e in rows if e["domain"] == "chat"}
     judge_sft, judge_heldout = make_judgements(seed, taken)
-    print(f"judge: {len(judge_sft)} SFT rows ({len(judge_sft) // 2} pairs, both orders), {len(judge_heldout)} "
-          f"held-out pairs; verdicts A/B/C {[sum(r['verdict'] == v for r in judge_sft) for v in 'ABC']}")
-    splits["sft"] += judge_sft
+    scores = [r["messages"][-1]["content"][-3] for r in judge_sft]
+    print(f"judge: {len(judge_sft)} rating rows (ratings 0-3: {[scores.count(str(k)) for k in range(4)]}), "
+          f"{len(judge_heldout)} held-out pairs (better A/B/C: "
+          f"{[sum(r['better'] == v for r in judge_heldout) for v in 'ABC']})")
     for name in splits:  # interleave domains so any prefix of a file is a mix
         random.Random(f"{seed}:{name}").shuffle(splits[name])
-    return splits, judge_heldout
+    return splits, judge_sft, judge_heldout
 
 
 def graded_turns(example, turns):
@@ -1161,19 +1203,20 @@ def main():
                              "checkpoints are made with the shipped one); default: keep it, check the lengths")
     args = parser.parse_args()
     out = Path(args.out)
-    splits, judge_heldout = generate(args.seed)
-    for name, rows in list(splits.items()) + [("judge", judge_heldout)]:
+    splits, judge_sft, judge_heldout = generate(args.seed)
+    for name, rows in list(splits.items()) + [("judge_sft", judge_sft), ("judge", judge_heldout)]:
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         print(f"wrote {out / name}.jsonl: {len(rows)} rows, {(out / f'{name}.jsonl').stat().st_size / 1e6:.2f} MB")
-    check_lengths(splits, out, train=args.train_tokenizer, pairs=judge_heldout)
+    check_lengths(dict(splits, judge_sft=judge_sft), out, train=args.train_tokenizer, pairs=judge_heldout)
 
 
 def check_lengths(splits, out: Path, train=False, pairs=()):
     """With train: the tiny BPE on the rendered SFT conversations, written to out/tokenizer.json; either way the
-    length of every example in the tokenizer's tokens, which must fit the tiny context, and of the judge's prompt
-    for each held-out pair, which must leave room for its judgement (about 60 tokens) in 256, as the SFT rows do."""
+    length of every example in the tokenizer's tokens, which must fit the tiny context, and of the judge's rating
+    prompt for each answer of a held-out pair, which must leave room for its judgement (about 60 tokens) in 256, as
+    the judge's SFT rows do."""
     from tokenizer import load_tokenizer, render_chat, train_bpe
     if train:
         texts = [render_chat(e["messages"], tools=e.get("tools")) for e in splits["sft"]]
@@ -1183,7 +1226,7 @@ def check_lengths(splits, out: Path, train=False, pairs=()):
     for name, rows in splits.items():
         for domain in sorted({e["domain"] for e in rows}):
             lengths = sorted(len(tok.encode(render_chat(e["messages"], tools=e.get("tools"),
-                                                        add_generation_prompt=name != "sft")))
+                                                        add_generation_prompt=not name.endswith("sft"))))
                              for e in rows if e["domain"] == domain)
             print(f"{name} {domain}: tokens per example: median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
             # SFT packs 512-token rows and cuts longer examples; a tool prompt carries the tool specs and the
@@ -1196,11 +1239,11 @@ def check_lengths(splits, out: Path, train=False, pairs=()):
                 limit = 512 if name == "sft" else 768 - tasks.ENVIRONMENTS[domain].max_turns * 75
             assert lengths[-1] < limit, f"{name} {domain}: an example has {lengths[-1]} tokens, over {limit}"
     if pairs:
-        from judge import judge_messages
-        lengths = sorted(len(tok.encode(render_chat(judge_messages(p["messages"], *p["responses"]),
-                                                    add_generation_prompt=True))) for p in pairs)
-        print(f"judge held-out pairs: judge prompt tokens: median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
-        assert lengths[-1] < 256 - 80, f"judge: a held-out pair's judge prompt has {lengths[-1]} tokens"
+        from judge import rating_messages
+        lengths = sorted(len(tok.encode(render_chat(rating_messages(p["messages"], a), add_generation_prompt=True)))
+                         for p in pairs for a in p["responses"])
+        print(f"judge held-out pairs: rating prompt tokens: median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
+        assert lengths[-1] < 256 - 96, f"judge: a held-out answer's rating prompt has {lengths[-1]} tokens"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import random
+import re
 import socket
 import sys
 import threading
@@ -69,12 +70,13 @@ def test_a_ring_of_opponents_bounds_the_judgements():
     # the lower index always wins: on a ring of 4 each rollout meets two, and 0 and 3 meet across the end
     scripted = ScriptedJudge(lambda a, b: "[[A]]" if a < b else "[[B]]")
     rewards, counts = judge.score_groups(scripted, [CHAT_ROW["messages"]], ["0", "1", "2", "3"], [True] * 4, 4,
-                                         thinking=False, opponents=1)
+                                         thinking=False, opponents=1, judge_format="pairwise")
     assert rewards == [1.0, 0.5, 0.5, 0.0] and counts["judgements"] == len(scripted.asked) == 8
 
 
 class ScriptedJudge:
-    """complete() answers each judgement by a rule on its two answers; records what it was asked."""
+    """complete() answers each judgement by a rule on its answer (a rating conversation) or its two answers (a
+    pairwise one); records what it was asked."""
     thinking = None
 
     def __init__(self, rule):
@@ -82,7 +84,9 @@ class ScriptedJudge:
 
     def complete(self, conversations):
         self.asked += conversations
-        return [self.rule(*answers(c)) for c in conversations]
+        return [self.rule(*answers(c)) if "\n\n[A]\n" in c[0]["content"] else self.rule(rated_answer(c))
+                for c in conversations]
+
 
 
 def answers(conversation):
@@ -101,7 +105,7 @@ def test_score_groups_asks_both_orders_skips_cut_off_rollouts_and_counts():
     finished = [True, True, True, True, True, False]
     hidden = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     prompts = [CHAT_ROW["messages"], PROSE_ROW["messages"]]
-    rewards, counts = judge.score_groups(scripted, prompts, texts, finished, 3, hidden=hidden)
+    rewards, counts = judge.score_groups(scripted, prompts, texts, finished, 3, hidden=hidden, judge_format="pairwise")
     # group 0: good beats both bads; bad vs bad is a tie. group 1: odd vs good unparsable both ways (a tie),
     # rollout 2 never judged (cut off)
     assert rewards == [1.0, 0.25, 0.25, 0.75, 0.75, 0.0]
@@ -112,6 +116,71 @@ def test_score_groups_asks_both_orders_skips_cut_off_rollouts_and_counts():
     assert scripted.asked[0][0]["content"].startswith(judge.INSTRUCTION) and "[User]\nGive Ana" in \
         scripted.asked[0][0]["content"]
     assert counts == dict(judgements=8, ties=2, unparsable=2, pairs=4, consistent=3, decided=3, agreed=2)
+
+
+@pytest.mark.parametrize("text, thinking, rating", [
+    ("[[3]]", False, 3),
+    ("<think>\nTopic yes, format no. Score 2.\n</think>\n[[2]]", None, 2),
+    ("[[ 0 ]]", False, 0),
+    ("[[1]] at first, then [[2]]", False, 2),                       # the last rating counts
+    ("<think>\n[[3]]\n</think>\nno rating", None, None),            # a rating in the thought only
+    ("[[4]]", False, None), ("[[A]]", False, None), ("[[-1]]", False, None), ("Score 3.", False, None),
+    ("<think>\nnever closed [[3]]", None, None), (None, None, None),
+])
+def test_parse_rating(text, thinking, rating):
+    assert judge.parse_rating(text, thinking) == rating
+
+
+def test_rating_rewards_by_hand():
+    # ratings 3 and 0; an unparsable rating takes the mean of the others (the cut-off one's 0 included): its
+    # advantage is 0; the cut-off rollout scores 0
+    rewards = judge.rating_rewards([True, True, True, False], [3, 0, None, None])
+    assert rewards == pytest.approx([1.0, 0.0, 1 / 3, 0.0])
+    assert sum(rewards) / 4 == pytest.approx(rewards[2])
+    assert judge.rating_rewards([True, True], [None, None]) == [0.5, 0.5]          # nothing known: all equal
+    assert judge.rating_rewards([False, False], [None, None]) == [0.0, 0.0]
+
+
+def rated_answer(conversation):
+    """The answer of a rating_messages conversation."""
+    return conversation[0]["content"].split("\n\n[Answer]\n")[1]
+
+
+def test_score_groups_rates_each_judged_rollout_once_and_counts():
+    # groups of 3; the rating is the answer's length in words (3 at most); "odd" gets no rating; group 1's third
+    # rollout is cut off
+    rule = lambda a: "<think>\n</think>\n" + ("garbled" if a == "odd" else f"[[{min(len(a.split()), 3)}]]")
+    scripted = ScriptedJudge(rule)
+    texts = ["<think>\n</think>\nfour words said here", "<think>\n</think>\none", "<think>\n</think>\ntwo words",
+             "<think>\n</think>\nodd", "<think>\n</think>\nall three words", "<think>\nnever closed"]
+    finished = [True, True, True, True, True, False]
+    hidden = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    prompts = [CHAT_ROW["messages"], PROSE_ROW["messages"]]
+    rewards, counts = judge.score_groups(scripted, prompts, texts, finished, 3, hidden=hidden)
+    assert rewards == pytest.approx([1.0, 1 / 3, 2 / 3, 0.5, 1.0, 0.0])           # odd: the mean of 1 and 0
+    assert [rated_answer(c) for c in scripted.asked] == ["four words said here", "one", "two words", "odd",
+                                                         "all three words"]      # once each; the cut-off one never
+    assert scripted.asked[0][0]["content"].startswith(judge.RATING_INSTRUCTION)
+    assert "[User]\nGive Ana" in scripted.asked[0][0]["content"]
+    # the decided pairs: (0, 1) and (1, 2) in group 0 ranked right; (3, 4) in group 1 ranked right (0.5 < 1)
+    assert counts == dict(judgements=5, ties=0, unparsable=1, pairs=0, consistent=0, decided=3, agreed=3)
+    with pytest.raises(judge.JudgeError, match="judge_format 'score'"):
+        judge.score_groups(scripted, prompts, texts, finished, 3, judge_format="score")
+
+
+def test_agreement_on_held_out_pairs_in_both_formats():
+    pairs = [dict(CHAT_ROW, responses=["- Cats purr.\n- My cat naps.", "Dogs bark."], better="A"),
+             dict(PROSE_ROW, responses=["- Cats purr.\n- Cats nap.", "Cats purr. Cats nap."], better="B"),
+             dict(PROSE_ROW, responses=["Birds sing.", "Rain falls."], better="C")]
+    truth = {a: tasks.chat.score(p, a) for p in pairs for a in p["responses"]}
+    rater = ScriptedJudge(lambda a: f"[[{truth[a]}]]" if a != "Rain falls." else "no rating")
+    got = judge.agreement(rater, pairs, "rating")
+    assert got == dict(pairs=3, pair_agreement=1.0, verdict_accuracy=5 / 6, unparsable=1 / 6)
+    assert len(rater.asked) == 6
+    first = ScriptedJudge(lambda a, b: "[[A]]")                      # a pure position bias: every pair a tie
+    got = judge.agreement(first, pairs, "pairwise")
+    assert got == dict(pairs=3, pair_agreement=0.0, verdict_accuracy=1 / 3, consistent=0.0, unparsable=0.0)
+    assert len(first.asked) == 6
 
 
 # -- the in-process judge: a tiny model trained here to write "[[A]]" ------------------------------------------------
@@ -157,7 +226,8 @@ def test_local_judge_is_deterministic_whatever_the_batch_and_its_position_bias_c
     texts = ["<think></think>Cats are fine.", "<think></think>Dogs bark. Dogs bark.", "<think></think>Rain.",
              "<think></think>Cut off mid"]
     finished = [True, True, True, False]
-    rewards, counts = judge.score_groups(whole, [CHAT_ROW["messages"]], texts, finished, 4, thinking=False)
+    rewards, counts = judge.score_groups(whole, [CHAT_ROW["messages"]], texts, finished, 4, thinking=False,
+                                         judge_format="pairwise")
     assert counts["unparsable"] == 0 and counts["ties"] == 0 and counts["judgements"] == 6
     assert counts["consistent"] == 0                               # always [[A]]: each order contradicts the other
     assert rewards == [2 / 3, 2 / 3, 2 / 3, 0.0]                   # ties between the three, wins over the cut-off
@@ -179,9 +249,10 @@ def test_a_judge_prompt_longer_than_the_context_is_a_tie_not_a_crash(tmp_path):
 
 
 class FakeServer:
-    """/v1/models and /v1/chat/completions over HTTP in a thread. The verdict prefers the answer with fewer
-    commas ([[C]] when equal); after `answer_first` completions (None = always) it stops answering (holds the
-    connection open until the server closes)."""
+    """/v1/models and /v1/chat/completions over HTTP in a thread. The judge likes few commas: a rating is 3 minus
+    the answer's commas (0 at least), a pairwise verdict prefers the answer with fewer ([[C]] when equal); after
+    `answer_first` completions (None = always) it stops answering (holds the connection open until the server
+    closes)."""
 
     def __init__(self, answer_first=None):
         self.requests, self.answer_first, self.release = [], answer_first, threading.Event()
@@ -212,8 +283,11 @@ class FakeServer:
                 if server.answer_first is not None and len(server.requests) > server.answer_first:
                     server.release.wait(30)
                     return
-                a, b = answers(request["messages"])
-                v = "C" if a.count(",") == b.count(",") else "A" if a.count(",") < b.count(",") else "B"
+                if "\n\n[A]\n" in request["messages"][0]["content"]:
+                    a, b = answers(request["messages"])
+                    v = "C" if a.count(",") == b.count(",") else "A" if a.count(",") < b.count(",") else "B"
+                else:
+                    v = max(3 - rated_answer(request["messages"]).count(","), 0)
                 self.reply({"choices": [{"index": 0, "message": {"role": "assistant", "content": f"[[{v}]]"},
                                          "finish_reason": "stop"}]})
 
@@ -235,18 +309,25 @@ def server():
     s.close()
 
 
-def test_endpoint_judge_over_http(server):
+@pytest.mark.parametrize("judge_format", judge.FORMATS)
+def test_endpoint_judge_over_http(server, judge_format):
     spec = judge.check_reward_model(server.url + "/chat/completions", init="")     # the full URL works too
     assert spec == dict(kind="remote", url=server.url, model="fake-judge")
     remote = judge.open_judge(spec, common.Dist(), max_new_tokens=32, batch=3)
     texts = ["<think>\n</think>\nthe cat", "<think>\n</think>\nthe, cat", "<think>\n</think>\nthe, the, cat",
              "<think>\n</think>\ncat"]
-    rewards, counts = judge.score_groups(remote, [PROSE_ROW["messages"]], texts, [True] * 4, 4)
-    assert rewards == [(0.5 + 1 + 1) / 3, (0 + 0 + 1) / 3, 0.0, (0.5 + 1 + 1) / 3]
-    assert counts["judgements"] == len(server.requests) == 12 and counts["consistent"] == 6
+    rewards, counts = judge.score_groups(remote, [PROSE_ROW["messages"]], texts, [True] * 4, 4,
+                                         judge_format=judge_format)
     first = server.requests[0]
     assert first["model"] == "fake-judge" and first["temperature"] == 0 and first["max_tokens"] == 32
-    assert first["messages"][0]["content"].startswith(judge.INSTRUCTION)
+    if judge_format == "rating":                            # 3 minus the commas, over 3
+        assert rewards == pytest.approx([1.0, 2 / 3, 1 / 3, 1.0])
+        assert counts["judgements"] == len(server.requests) == 4
+        assert first["messages"][0]["content"].startswith(judge.RATING_INSTRUCTION)
+    else:                                                   # win rates; every pair asked both ways
+        assert rewards == [(0.5 + 1 + 1) / 3, (0 + 0 + 1) / 3, 0.0, (0.5 + 1 + 1) / 3]
+        assert counts["judgements"] == len(server.requests) == 12 and counts["consistent"] == 6
+        assert first["messages"][0]["content"].startswith(judge.INSTRUCTION)
 
 
 def test_endpoint_that_stops_answering_raises_a_named_error_after_its_retries():
@@ -315,31 +396,40 @@ def test_chat_rows_are_checked():
         tasks.example_from_row(dict(CHAT_ROW, topic="cats"))
 
 
-def test_shipped_judgements_follow_the_hidden_criteria_in_both_orders():
+def test_shipped_judgements_follow_the_hidden_criteria():
     sys.path.insert(0, os.path.join(ROOT, "data"))
     import generate
-    sft = [json.loads(line) for line in open(os.path.join(ROOT, "data", "sft.jsonl"))]
-    rows = [r for r in sft if r["domain"] == "judge"]
-    assert len(rows) == 2 * generate.JUDGE_PAIRS["sft"]
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "data", "judge_sft.jsonl"))]
+    assert len(rows) == generate.JUDGE_RATINGS and {r["domain"] for r in rows} == {"judge"}
     heldout = [json.loads(line) for line in open(os.path.join(ROOT, "data", "judge.jsonl"))]
-    assert len(heldout) == generate.JUDGE_PAIRS["heldout"]
-    flip = {"A": "B", "B": "A", "C": "C"}
-    by_conv = {r["messages"][0]["content"]: r["verdict"] for r in rows}
-    for r in rows:                                       # each pair is there in the other order, verdict mirrored
+    assert len(heldout) == generate.JUDGE_PAIRS
+    calls = re.compile(r"Topic (yes|no), format (yes|no), repeats (no|yes)\. Score ([0-3])\.\n</think>\n"
+                       r"\[\[([0-3])\]\]$")
+    row_prompts, ratings = set(), []
+    for r in rows:                   # each rating is the hidden criteria's count, and so is each of its calls
         user = r["messages"][0]["content"]
-        head, rest = user.split("\n\n[A]\n")
-        a, b = rest.split("\n\n[B]\n")
-        assert by_conv[f"{head}\n\n[A]\n{b}\n\n[B]\n{a}"] == flip[r["verdict"]]
-        assert r["messages"][-1]["content"].endswith(f"</think>\n[[{r['verdict']}]]")
+        assert user.startswith(judge.RATING_INSTRUCTION)
+        prompt, answer = user.split("[User]\n")[1].split("\n\n[Answer]\n")
+        found = calls.search(r["messages"][-1]["content"])
+        assert found and found[4] == found[5], r["messages"][-1]["content"]
+        met = dict(topic=found[1] == "yes", format=found[2] == "yes", no_repeat=found[3] == "no")
+        assert int(found[5]) == sum(met.values())
+        asked = re.search(r"Asked: (.+), (list|prose)\.", r["messages"][-1]["content"])
+        assert any(re.fullmatch(re.escape(ask).replace(r"\{name\}", r"\w+").replace(r"\{topic\}", re.escape(asked[1])),
+                                prompt) for ask in generate.CHAT_ASKS[asked[2]]), (prompt, asked[0])
+        truth = tasks.chat.criteria(dict(topic=generate.TOPICS[asked[1]], format=asked[2]), answer)
+        assert truth == met
+        row_prompts.add(prompt)
+        ratings.append(int(found[5]))
+    assert set(ratings) == {0, 1, 2, 3}
     for p in heldout:                                    # held-out labels are the criteria's verdicts
         scores = [tasks.chat.score(p, x) for x in p["responses"]]
         assert p["better"] == ("A" if scores[0] > scores[1] else "B" if scores[1] > scores[0] else "C")
+    assert {p["better"] for p in heldout} == {"A", "B", "C"}
     chat_prompts = {r["messages"][0]["content"] for f in ("sft", "rl", "eval")
                     for r in map(json.loads, open(os.path.join(ROOT, "data", f"{f}.jsonl"))) if r["domain"] == "chat"}
-    sft_pair_prompts = {r["messages"][0]["content"].split("[User]\n")[1].split("\n\n[A]")[0] for r in rows}
     held_prompts = {p["messages"][0]["content"] for p in heldout}
-    assert not held_prompts & sft_pair_prompts and not (held_prompts | sft_pair_prompts) & chat_prompts
-    assert {r["verdict"] for r in rows} == {"A", "B", "C"}
+    assert not held_prompts & row_prompts and not (held_prompts | row_prompts) & chat_prompts
 
 
 # -- the RLHF stage --------------------------------------------------------------------------------------------------
@@ -372,7 +462,7 @@ def rlhf_args(root, out, url, **kw):
 
 
 def judged_log(out_dir):
-    return [(r["step"], r["loss"], r["reward"], r["judgements"], r["judge_tie_frac"], r["judge_consistent_frac"])
+    return [(r["step"], r["loss"], r["reward"], r["judgements"], r["judge_unparsable_frac"])
             for r in common.read_metrics(os.path.join(out_dir, "rlhf", "metrics.jsonl")) if "loss" in r]
 
 
@@ -403,7 +493,7 @@ def test_rlhf_stage_resumes_after_a_kill_with_identical_rewards(rlhf_dir, whole_
     log = whole_log
     assert judged_log(root / "resumed") == log and len(log) == 3
     assert any(loss != 0 for _, loss, *_ in log)                  # the judge's rewards had variance: it trained
-    assert all(judgements > 0 for *_, judgements, _, _ in log)
+    assert all(judgements > 0 for *_, judgements, _ in log)
     rows = json.loads((root / "resumed" / "cascade.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["sft", "rlhf"] and set(rows[-1]["scores"]) == {"chat"}
 
@@ -422,18 +512,19 @@ def test_rlhf_stage_under_torchrun_resumes_after_a_kill_with_identical_rewards(r
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = judged_log(root / "whole2")
     assert judged_log(root / "resumed2") == log and len(log) == 3
-    assert any(loss != 0 for _, loss, *_ in log) and all(judgements > 0 for *_, judgements, _, _ in log)
+    assert any(loss != 0 for _, loss, *_ in log) and all(judgements > 0 for *_, judgements, _ in log)
 
 
 def test_rlhf_stage_in_process_judge_and_a_judge_that_stops_answering(rlhf_dir, toy_judge, whole_log):
-    """The in-process judge through the stage (its metrics, the held-out score by the hidden criteria); then an
-    endpoint that stops answering in step 2: a named error, step 1's checkpoint intact, and a rerun with the
-    endpoint back finishes with the rewards of the uninterrupted stage."""
+    """The in-process judge (pairwise) through the stage (its metrics, the held-out score by the hidden criteria);
+    then an endpoint that stops answering in step 2: a named error, step 1's checkpoint intact, and a rerun with
+    the endpoint back finishes with the rewards of the uninterrupted stage."""
     root = rlhf_dir
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cascade = rl.main(*rl.parse_args(rlhf_args(root, "local", str(toy_judge), max_steps=1,
-                                                   set="rlhf.judge_thinking=false,rlhf.judge_max_new_tokens=12")))
+                                                   set="rlhf.judge_thinking=false,rlhf.judge_max_new_tokens=12,"
+                                                       "rlhf.judge_format=pairwise")))
     metrics = [r for r in common.read_metrics(root / "local" / "rlhf" / "metrics.jsonl") if "loss" in r][0]
     assert metrics["judge_unparsable_frac"] == 0 and metrics["judge_consistent_frac"] == 0   # always [[A]]
     assert metrics["hidden_reward"] == 0 and "judge_agreement" not in metrics   # the verifier ranks none apart

@@ -1,6 +1,6 @@
 """
-The whole pipeline through ./run.sh with a handful of steps per stage: SFT -> the tiny RL cascade -> MOPD ->
-scoreboard. Checks that every artefact is produced and loadable, and that a rerun skips what is finished.
+The whole pipeline through ./run.sh with a handful of steps per stage: SFT -> the judge -> the tiny RL cascade ->
+MOPD -> scoreboard. Checks that every artefact is produced and loadable, and that a rerun skips what is finished.
 """
 import json
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SMALL = ["--sft.max_steps=3", "--sft.save_every=0",
+SMALL = ["--sft.max_steps=3", "--sft.save_every=0", "--judge.max_steps=2", "--judge.save_every=0",
          "--rl.max_steps=1", "--rl.eval_per_domain=2", "--rl.eval_max_new_tokens=8",
          "--mopd.steps=1", "--mopd.warmup_steps=1"]    # MOPD scores with the settings cascade.json records
 
@@ -56,6 +56,9 @@ def test_run_sh_produces_every_artefact_and_skips_finished_stages(tmp_path):
     md = (out / "scoreboard.md").read_text()
     assert "| sft |" in md and "| mopd |" in md
     assert "run.sh: wall time" in proc.stdout
+    # the RLHF stage was rewarded by the judge run.sh fine-tuned, not by the preset's default path
+    assert f"rl[rlhf]: rewarded by the judge {out / 'judge' / 'export'} (rating)" in proc.stdout
+    assert (out / "judge" / "export" / "config.json").exists()
 
     # a rerun skips every finished stage: no stage's files change and it takes a fraction of the first run
     def stage_files():   # what the stages wrote (the scoreboard at the top of out/ is redrawn every time)
@@ -64,7 +67,7 @@ def test_run_sh_produces_every_artefact_and_skips_finished_stages(tmp_path):
 
     before = stage_files()
     proc, second = run_pipeline(out)
-    assert "SFT is done, skipping it" in proc.stdout
+    assert "SFT is done, skipping it" in proc.stdout and "the judge is trained, skipping it" in proc.stdout
     changed = [str(p) for p, m in stage_files().items() if before.get(p) != m]
     assert not changed, changed
     assert second < first / 2, (first, second)

@@ -272,9 +272,8 @@ def shipped():
 
 def test_shipped_splits_load_cover_every_domain_and_are_disjoint(shipped):
     prompts = {}
-    for split, examples in shipped.items():        # SFT also teaches the RLHF judge ("judge": no verifier)
-        judge = {"judge"} if split == "sft" else set()
-        assert {e["domain"] for e in examples} == set(tasks.GRADED_DOMAINS) | judge
+    for split, examples in shipped.items():
+        assert {e["domain"] for e in examples} == set(tasks.GRADED_DOMAINS)
         prompts[split] = {[m["content"] for m in tasks.prompt_messages(e) if m["role"] == "user"][-1]
                           for e in examples}
         assert len(prompts[split]) == len(examples)  # no duplicates within a split
@@ -366,7 +365,7 @@ def test_shipped_examples_fit_the_tiny_context(shipped):
         # episodes: SFT packs 512-token rows; an RL or eval prompt of a multi-turn domain leaves room for its
         # turns and replies
         long = {"tool": 512, "longctx": 512, "agent": 512 if split == "sft" else 400,
-                "swe": 512 if split == "sft" else 300, "judge": 256}   # a judgement: a prompt, two answers, a thought each
+                "swe": 512 if split == "sft" else 300}
         for domain in sorted({e["domain"] for e in examples}):
             longest = max(len(tok.encode(tokenizer.render_chat(e["messages"], tools=e.get("tools"),
                                                                add_generation_prompt=split != "sft")))
