@@ -67,7 +67,7 @@ fi
 t_sft=$(stamp)
 
 # 2. The RLHF stage's generative reward model: the SFT model fine-tuned to rate chat answers (data/judge_sft.jsonl,
-#    8,000 rows). Three epochs: after one it calls every answer on topic and in format (docs/results.md).
+#    8,000 rows). Three epochs: after one it calls almost every answer on topic and in format (docs/results.md).
 if [ -f "$out/judge/export/config.json" ]; then
     echo "run.sh: $out/judge/export exists: the judge is trained, skipping it"
 else
@@ -75,6 +75,8 @@ else
         --epochs=3 --lr=1e-3 --warmup_steps=10 --eval_data= --out_dir="$out/judge" --seed="$seed" \
         "${judge_args[@]+"${judge_args[@]}"}"
 fi
+#    Its agreement with the hidden criteria on data/judge.jsonl's 200 held-out pairs (about 10 s).
+[ -f "$out/judge/agreement.json" ] || $py judge.py --judge="$out/judge/export" --out="$out/judge/agreement.json"
 t_judge=$(stamp)
 
 # 3. Cascade RL: the stages of configs/rl_tiny.json in order, each from the previous one's export; rl.py skips

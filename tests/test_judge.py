@@ -389,6 +389,23 @@ def test_chat_hidden_criteria(row, answer, met):
     assert tasks.chat.score(row, answer) == sum(met)
 
 
+def test_shipped_chat_answers_take_sentence_k_from_slot_k_and_slip_into_lists():
+    """No two sentences of an SFT chat answer share a predicate (sentence k's is from slot k), and the teacher's
+    slip is a prose request answered as a list of the same kind of sentences."""
+    sys.path.insert(0, os.path.join(ROOT, "data"))
+    import generate
+    rows = [r for r in map(json.loads, open(os.path.join(ROOT, "data", "sft.jsonl"))) if r["domain"] == "chat"]
+    slips = [r for r in rows if "teacher_slip" in r]
+    assert {r["format"] for r in slips} == {"prose"} and 0.25 < len(slips) / len(rows) < 0.45
+    for r in rows:
+        answer = tasks.final_answer(r["messages"][-1]["content"], True)
+        said = [s.strip().removeprefix("- ") for s in re.split(r"(?<=\.)\s+", answer)]
+        assert 2 <= len(said) <= 3
+        for k, sentence in enumerate(said):
+            assert any(sentence.endswith(f" {p}.") for p in generate.CHAT_SLOTS[k]), (k, answer)
+        assert answer.startswith("- ") == (r["format"] == "list" or "teacher_slip" in r)
+
+
 def test_chat_rows_are_checked():
     with pytest.raises(tasks.ExampleError, match="field 'format'"):
         tasks.example_from_row(dict(CHAT_ROW, format="poem"))

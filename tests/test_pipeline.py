@@ -58,7 +58,8 @@ def test_run_sh_produces_every_artefact_and_skips_finished_stages(tmp_path):
     assert "run.sh: wall time" in proc.stdout
     # the RLHF stage was rewarded by the judge run.sh fine-tuned, not by the preset's default path
     assert f"rl[rlhf]: rewarded by the judge {out / 'judge' / 'export'} (rating)" in proc.stdout
-    assert (out / "judge" / "export" / "config.json").exists()
+    agreement = json.loads((out / "judge" / "agreement.json").read_text())
+    assert agreement["pairs"] == 200 and agreement["format"] == "rating"
 
     # a rerun skips every finished stage: no stage's files change and it takes a fraction of the first run
     def stage_files():   # what the stages wrote (the scoreboard at the top of out/ is redrawn every time)

@@ -323,7 +323,7 @@ def test_shipped_sft_answers_are_thinking_mode_and_score_1_except_the_teachers_s
                  if d not in tasks.ENVIRONMENTS}     # the multi-turn domains' rows replay in tests/test_env.py
     slipped = {d: sum("teacher_slip" in e for e in es) for d, es in by_domain.items()}
     assert slipped["math"] == 0 and all(0.1 < slipped[d] / len(by_domain[d]) < 0.5
-                                        for d in ("if", "mcqa", "json", "code", "tool", "longctx")), slipped
+                                        for d in ("if", "mcqa", "json", "code", "tool", "longctx", "chat")), slipped
     sample = [e for d, es in by_domain.items() for e in rng.sample(es, 8 if d == "code" else 40)]
     for example in sample:
         answer = example["messages"][-1]["content"]
