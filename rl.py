@@ -8,8 +8,9 @@ export; math is not trained by RL, as in the paper. Every step, strictly on-poli
     1. sample `rollouts` completions for each of `prompts_per_step` prompts with sample.generate, on the very
        model that trains (under FSDP2 the weights are gathered once for the whole rollout phase);
     2. grade them with the tasks' verifiers (a completion cut off by max_new_tokens scores 0), or, in a stage
-       with a reward_model (RLHF), by a judge LLM's pairwise verdicts within each group (judge.py); with dynamic
-       filtering, groups whose rewards are all equal carry no signal: drop them and sample more prompts;
+       with a reward_model (RLHF), by a judge LLM's ratings (or pairwise verdicts) of each group (judge.py);
+       with dynamic filtering, groups whose rewards are all equal carry no signal: drop them and sample more
+       prompts;
     3. A_i = (r_i - mean(group)) / max(std(group), floor), one value for every token of rollout i;
     4. L = -(1 / sum_i |o_i|) sum_i sum_t A_i log pi(o_i,t), normalised by the valid tokens of the whole batch
        (all micro-batches and processes), then exactly one optimizer step: the PPO ratio is exactly 1.
