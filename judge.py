@@ -193,7 +193,6 @@ def score_groups(judge, prompts, texts, finished, n, thinking=True, hidden=None,
         rewards = []
         for g in range(len(prompts)):
             rewards += rating_rewards([a is not None for a in answers[g * n:(g + 1) * n]], ratings[g * n:(g + 1) * n])
-        for g in range(len(prompts)):
             for i, j in itertools.combinations(range(g * n, (g + 1) * n), 2):
                 if answers[i] is not None and answers[j] is not None:
                     count_agreement(i, j, rewards[i] - rewards[j])
@@ -375,10 +374,9 @@ def agreement(judge, rows, judge_format="rating"):
         ratings = [parse_rating(t, judge.thinking) for t in judge.complete([rating_messages(r["messages"], a)
                                                                             for r, a in items])]
         right = sum(v == tasks.chat.score(r, a) for (r, a), v in zip(items, ratings))
-        by_row = {id(r): [TOP_RATING / 2 if v is None else v for v in ratings[2 * k:2 * k + 2]]
-                  for k, r in enumerate(rows)}
-        agree = sum((by_row[id(r)][0] > by_row[id(r)][1]) if r["better"] == "A" else
-                    (by_row[id(r)][1] > by_row[id(r)][0]) for r in decided)
+        ranked = [TOP_RATING / 2 if v is None else v for v in ratings]
+        agree = sum((a > b if r["better"] == "A" else b > a)
+                    for r, a, b in zip(rows, ranked[0::2], ranked[1::2]) if r["better"] != "C")
         return dict(pairs=len(rows), pair_agreement=agree / max(len(decided), 1), verdict_accuracy=right / (2 * n),
                     unparsable=ratings.count(None) / (2 * n))
     convs = [judge_messages(r["messages"], *r["responses"]) for r in rows] + \

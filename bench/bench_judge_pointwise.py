@@ -39,20 +39,31 @@ def write_rows(path, n, kind, seed):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+class Recorded:
+    """A judge that keeps what it wrote, so that the calls and evidence lines can be counted after
+    judge.agreement has rated the pairs."""
+
+    def __init__(self, judge_):
+        self.judge, self.thinking, self.outs = judge_, judge_.thinking, []
+
+    def complete(self, conversations):
+        self.outs = self.judge.complete(conversations)
+        return self.outs
+
+
 def report(ckpt, pairs):
-    """Both answers of each held-out pair rated by the checkpoint, counted against the hidden criteria."""
+    """Both answers of each held-out pair rated by the checkpoint (judge.agreement), and each call and evidence
+    line of its thoughts counted against the hidden criteria."""
     from tokenizer import load_tokenizer
     d = common.init_dist("cpu")
-    rater = judge.LocalJudge(common.load_policy(ckpt, d, False, trainable=False), load_tokenizer(ckpt), 96, True, 64)
-    items = [(r, a) for r in pairs for a in r["responses"]]
-    outs = rater.complete([judge.rating_messages(r["messages"], a) for r, a in items])
+    rater = Recorded(judge.LocalJudge(common.load_policy(ckpt, d, False, trainable=False), load_tokenizer(ckpt),
+                                      96, True, 64))
+    agreed = judge.agreement(rater, pairs, "rating")
+    items = [(r, a) for r in pairs for a in r["responses"]]             # in judge.agreement's order
     wrong = dict(topic=0, format=0, no_repeat=0)
     seen = dict(asked=0, answer_topic=0, answer_format=0, last=0, said_before=0, lines=0)
-    ratings, rating_errors = [], 0
-    for (r, a), out in zip(items, outs):
-        ratings.append(judge.parse_rating(out, True))
+    for (r, a), out in zip(items, rater.outs):
         truth, calls = tasks.chat.criteria(r, a), CALLS.search(out or "")
-        rating_errors += ratings[-1] != sum(truth.values())
         said = dict(zip(wrong, (calls[1] == "yes", calls[2] == "yes", calls[3] == "no"))) if calls else {}
         for k in wrong:
             wrong[k] += said.get(k) != truth[k]
@@ -65,14 +76,7 @@ def report(ckpt, pairs):
             seen["answer_format"] += ev[4] == want[3]
             seen["last"] += ev[5].strip() == want[4]
             seen["said_before"] += ev[6] == want[5]
-    agreed = decided = 0
-    for i, r in enumerate(pairs):
-        a, b = (1.5 if x is None else x for x in ratings[2 * i:2 * i + 2])   # no rating: the middle of 0-3
-        if r["better"] != "C":
-            decided += 1
-            agreed += a > b if r["better"] == "A" else b > a
-    return dict(answers=len(items), wrong_calls=wrong, rating_errors=rating_errors,
-                unparsable=ratings.count(None), pair_agreement=f"{agreed}/{decided}", evidence_right=seen)
+    return dict(agreed, answers=len(items), wrong_calls=wrong, evidence_right=seen)
 
 
 def main():

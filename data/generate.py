@@ -916,13 +916,17 @@ def make_chat(rng):
     trains away; Nemotron-Cascade 1 credits its RLHF stage with better chat style and less repetition)."""
     example = chat_prompt(rng)
     answer = chat_answer(rng, example)
-    topic = next(t for t, forms in TOPICS.items() if forms == example["topic"])
-    trace = f"Topic: {topic}. Format: {example['format']}."
+    trace = f"Topic: {asked_topic(example)}. Format: {example['format']}."
     slip = None
     if example["format"] == "prose":
         listed = chat_layout(re.split(r"(?<=\.) ", answer), as_list=True)
         slip = {"why": "answered a prose request with a list", "turns": [answer_turn(trace, listed)]}
     return example, trace, answer, slip
+
+
+def asked_topic(example):
+    """The name of the topic a chat row asks about (its key in TOPICS)."""
+    return next(t for t, forms in TOPICS.items() if forms == example["topic"])
 
 
 def topic_of(answer):
@@ -931,19 +935,12 @@ def topic_of(answer):
     return next((t for t, forms in TOPICS.items() if any(p.lower() in low for p in forms)), "none")
 
 
-def format_of(answer):
-    lines = [ln.strip() for ln in answer.strip().splitlines() if ln.strip()]
-    items = [ln for ln in lines if ln.startswith("- ")]
-    return "list" if len(lines) >= 2 and len(items) == len(lines) else "mixed" if items else "prose"
-
-
 def rating_evidence(example, answer):
     """What each call compares: (asked topic, asked format, answer's topic, answer's format, its last sentence,
     whether that sentence was said before)."""
     said = tasks.chat.sentences(answer)
-    asked = next(t for t, forms in TOPICS.items() if forms == example["topic"])
-    return (asked, example["format"], topic_of(answer), format_of(answer), said[-1] if said else "",
-            "yes" if said and said[-1] in said[:-1] else "no")
+    return (asked_topic(example), example["format"], topic_of(answer), tasks.chat.layout(answer),
+            said[-1] if said else "", "yes" if said and said[-1] in said[:-1] else "no")
 
 
 def rating_thought(example, answer, evidence=True):

@@ -31,14 +31,18 @@ def sentences(answer: str) -> list[str]:
     return [" ".join(s.lower().split()) for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
 
 
-def criteria(example: dict, answer: str) -> dict:
-    """{criterion: holds} for the answer (the text after </think>); every criterion fails on an empty answer."""
+def layout(answer: str) -> str:
+    """"list" (at least two lines, every one a "- " item), "mixed" (some "- " items) or "prose" (none)."""
     lines = [ln.strip() for ln in answer.strip().splitlines() if ln.strip()]
     items = [ln for ln in lines if ln.startswith("- ")]
+    return "list" if len(lines) >= 2 and len(items) == len(lines) else "mixed" if items else "prose"
+
+
+def criteria(example: dict, answer: str) -> dict:
+    """{criterion: holds} for the answer (the text after </think>); every criterion fails on an empty answer."""
     said = sentences(answer)
     topic = any(re.search(rf"(?<!\w){re.escape(p.lower())}(?!\w)", answer.lower()) for p in example["topic"])
-    form = (len(lines) >= 2 and len(items) == len(lines)) if example["format"] == "list" else bool(lines) and not items
-    return {"topic": bool(said) and topic, "format": bool(said) and form,
+    return {"topic": bool(said) and topic, "format": bool(said) and layout(answer) == example["format"],
             "no_repeat": bool(said) and len(set(said)) == len(said)}
 
 
