@@ -92,7 +92,7 @@ DOMAIN_COUNTS = {
     "mcqa": {"sft": 2000, "rl": 400, "eval": 200},  # short rows
     "tool": {"sft": 700, "rl": 400, "eval": 200},  # examples 3-4 times longer (the tools in the prompt)
     "agent": {"sft": 500, "rl": 400, "eval": 200},  # whole multi-turn conversations, played through the environment
-    "swe": {"sft": 400, "rl": 300, "eval": 200},  # every episode's tests run in the sandbox
+    "swe": {"sft": 1000, "rl": 300, "eval": 200},  # every episode's tests run in the sandbox
     "chat": {"sft": 800, "rl": 400, "eval": 200},  # short rows
     "longctx": {"sft": 400, "rl": 300, "eval": 200},  # examples 3-5 times longer (the document in the prompt)
 }
@@ -626,6 +626,8 @@ def _tool_task(rng, city_table):
                 f"weekday needs the date as {day.isoformat()}.", f"{spoken} is a {weekday}.", None)
     cities = rng.sample(CITIES, rng.choice([1, 1, 1, 2]))  # weather; two cities: two parallel calls
     unit = rng.choice(["celsius", "celsius", "fahrenheit"])
+    if len(cities) == 2:  # two calls that both name the unit take 90 tokens: over the tiny preset's 80-token turn
+        unit = "celsius"
     said = " and in ".join(cities)
     q = f"What is the weather in {said}" + (" in fahrenheit?" if unit == "fahrenheit" else "?")
     calls = [{"name": kind, "arguments": {"city": c} | ({"unit": unit} if unit == "fahrenheit" else {})}
@@ -779,7 +781,10 @@ def _op_pair(rng, op, bug):
 def make_swe(rng):
     """(example, None, assistant turns, slip). Families: a wrong operator, a wrong constant, > for >=, a wrong index,
     upper for lower, a wrong constant in a config file (two modules; the slip: the teacher edits the test), and two
-    wrong operators of which the issue names one (the test report after the first patch shows the other)."""
+    wrong operators of which the issue names one (the test report after the first patch shows the other). Each
+    thought names the fix in one line ("total should use +.", "RATE should be 6."), so that the patch copies the
+    buggy line into SEARCH and writes it again with the change the line above it named; short, so that each turn
+    fits the tiny preset's 80-token turn (the patch markers alone take 26 tokens of the shipped tokenizer)."""
     family = rng.choice(["op", "const", "compare", "index", "case", "config", "config", "two"])
     module = rng.choice(SWE_MODULES)
     test_name = f"test_{module}.py"
@@ -792,7 +797,7 @@ def make_swe(rng):
         calls, outputs = [(f, f"{a}, {b}") for a, b in pairs], [_apply_op(op, a, b) for a, b in pairs]
         a, b = pairs[0]
         issue = f"{f}({a}, {b}) should be {_apply_op(op, a, b)}, not {_apply_op(bug, a, b)}."
-        turns = [answer_turn(f"{f} uses {bug}; it should use {op}.", _patch(f"{module}.py", f"    return a {bug} b",
+        turns = [answer_turn(f"{f} should use {op}.", _patch(f"{module}.py", f"    return a {bug} b",
                                                                          f"    return a {op} b"))]
         if family == "two":  # a second function with a wrong operator, which the issue does not mention
             op2, bug2 = rng.sample(sorted(SWE_OPS), 2)
@@ -802,8 +807,7 @@ def make_swe(rng):
             calls += [(f2, f"{a2}, {b2}") for a2, b2 in pairs2]
             outputs += [_apply_op(op2, a2, b2) for a2, b2 in pairs2]
             a2, b2 = pairs2[0]
-            turns.append(answer_turn(f"{f2}({a2}, {b2}) gives {_apply_op(bug2, a2, b2)}, not "
-                                     f"{_apply_op(op2, a2, b2)}: it uses {bug2}, it should use {op2}.",
+            turns.append(answer_turn(f"{f2} should use {op2}.",
                                      _patch(f"{module}.py", f"    return x {bug2} y", f"    return x {op2} y")))
         files = {f"{module}.py": code}
     elif family == "const":
@@ -815,7 +819,7 @@ def make_swe(rng):
         verb = "add" if op == "+" else "multiply by"
         calls, outputs = [(f, str(x)) for x in xs], [_apply_op(op, x, k) for x in xs]
         issue = f"{f} should {verb} {k}, but {f}({xs[0]}) gives {_apply_op(op, xs[0], wrong)}."
-        turns = [answer_turn(f"{f} uses {wrong}; it should use {k}.",
+        turns = [answer_turn(f"{f} should use {k}.",
                              _patch(f"{module}.py", f"    return n {op} {wrong}", f"    return n {op} {k}"))]
     elif family == "compare":
         f = rng.choice(["at_least", "big_enough", "is_big"])
@@ -824,7 +828,7 @@ def make_swe(rng):
         xs = [k, rng.choice([k - 1, k + 1])]
         calls, outputs = [(f, str(x)) for x in xs], [x >= k for x in xs]
         issue = f"{f}({k}) should be True."
-        turns = [answer_turn(f"{k} > {k} is False; {f} needs >=.",
+        turns = [answer_turn(f"{f} should use >=.",
                              _patch(f"{module}.py", f"    return n > {k}", f"    return n >= {k}"))]
     elif family == "index":
         f, right, wrong = rng.choice([("first", 0, 1), ("last", -1, 0), ("second", 1, 0), ("first", 0, -1)])
@@ -832,7 +836,7 @@ def make_swe(rng):
         files = {f"{module}.py": f"def {f}(xs):\n    return xs[{wrong}]\n"}
         calls, outputs = [(f, str(xs)) for xs in lists], [xs[right] for xs in lists]
         issue = f"{f}({lists[0]}) should be {lists[0][right]}, not {lists[0][wrong]}."
-        turns = [answer_turn(f"{f} reads xs[{wrong}]; it should read xs[{right}].",
+        turns = [answer_turn(f"{f} should read xs[{right}].",
                              _patch(f"{module}.py", f"    return xs[{wrong}]", f"    return xs[{right}]"))]
     elif family == "case":
         f, right, wrong = rng.choice([("shout", "upper", "lower"), ("whisper", "lower", "upper"),
@@ -842,7 +846,7 @@ def make_swe(rng):
         files = {f"{module}.py": f"def {f}(s):\n    return s.{wrong}()\n"}
         calls, outputs = [(f, repr(w)) for w in words], [getattr(w, right)() for w in words]
         issue = f"{f}({words[0]!r}) should be {getattr(words[0], right)()!r}."
-        turns = [answer_turn(f"{f} calls {wrong}; it should call {right}.",
+        turns = [answer_turn(f"{f} should call {right}.",
                              _patch(f"{module}.py", f"    return s.{wrong}()", f"    return s.{right}()"))]
     else:  # config: the constant lives in another module
         const, f = rng.choice([("RATE", "cost"), ("FEE", "charge"), ("PRICE", "total_for"), ("SIZE", "space")])
@@ -853,13 +857,13 @@ def make_swe(rng):
                  f"{module}.py": f"from {config} import {const}\n\n\ndef {f}(n):\n    return n * {const}\n"}
         calls, outputs = [(f, str(x)) for x in xs], [x * k for x in xs]
         issue = f"{f}({xs[0]}) should be {xs[0] * k}: {const} is {k}, not {wrong}."
-        turns = [answer_turn(f"{f} uses {const} from {config}.py, which is {wrong}; it should be {k}.",
+        turns = [answer_turn(f"{const} should be {k}.",
                              _patch(f"{config}.py", f"{const} = {wrong}", f"{const} = {k}"))]
     test_text, names = _test_file(module, calls)
     files[test_name] = test_text
     if family == "config":
         slip = {"why": "edited the test instead of the code", "turns": [answer_turn(
-            f"The test prints {f}({xs[0]}); make it print {xs[0] * k}.",
+            f"Make the test print {xs[0] * k}.",
             _patch(test_name, f"    print({f}({xs[0]}))", f"    print({xs[0] * k})"))]}
     tests = [{"file": test_name, "name": n, "output": f"{o}\n"} for n, o in zip(names, outputs)]
     shown = "\n\n".join(f"File {path}:\n{text.rstrip()}" for path, text in files.items())
