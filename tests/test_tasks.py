@@ -378,19 +378,19 @@ def test_shipped_sft_turns_fit_the_tiny_presets_turn_budget(shipped):
     budget of the tiny RL preset (its held-out evaluations and every stage that trains the domain): a right answer
     the rollouts cut off earns 0, so SFT would teach an answer that RL and the scoreboard can never credit."""
     tokenizer = pytest.importorskip("tokenizer")
+    sys.path.insert(0, str(ROOT / "data"))
+    import generate
     tok = tokenizer.load_tokenizer()
     preset = json.loads((ROOT / "configs" / "rl_tiny.json").read_text())
     budget = {d: min([preset["eval_max_new_tokens"]] + [s["max_new_tokens"] for s in preset["stages"]
                                                         if d in s["domains"]]) for d in tasks.GRADED_DOMAINS}
     longest = {}
     for example in shipped["sft"]:
-        messages, tools = example["messages"], example.get("tools")
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                prompt = tokenizer.render_chat(messages[:i], tools=tools, add_generation_prompt=True)
-                full = tokenizer.render_chat(messages[:i + 1], tools=tools)
-                n = len(tok.encode(full[len(prompt):].removesuffix("\n")))
-                longest[example["domain"]] = max(longest.get(example["domain"], 0), n)
+        first = next(i for i, m in enumerate(example["messages"]) if m["role"] == "assistant")
+        prompt = dict(example, messages=example["messages"][:first])
+        for _, text in generate.graded_turns(prompt, example["messages"][first:]):   # each turn as written
+            n = len(tok.encode(text)) + 1                                           # and its stop token
+            longest[example["domain"]] = max(longest.get(example["domain"], 0), n)
     assert set(longest) == set(tasks.GRADED_DOMAINS)
     assert all(longest[d] <= budget[d] for d in longest), {d: (longest[d], budget[d]) for d in longest}
 
