@@ -380,10 +380,11 @@ def test_shipped_sft_turns_fit_the_tiny_presets_turn_budget(shipped):
     tokenizer = pytest.importorskip("tokenizer")
     sys.path.insert(0, str(ROOT / "data"))
     import generate
+    import rl
     tok = tokenizer.load_tokenizer()
-    preset = json.loads((ROOT / "configs" / "rl_tiny.json").read_text())
-    budget = {d: min([preset["eval_max_new_tokens"]] + [s["max_new_tokens"] for s in preset["stages"]
-                                                        if d in s["domains"]]) for d in tasks.GRADED_DOMAINS}
+    cfg, stages, _ = rl.parse_args(["--config", str(ROOT / "configs" / "rl_tiny.json")])   # as rl.py runs it
+    budget = {d: min([cfg.eval_max_new_tokens] + [s.max_new_tokens for s in stages if d in s.domains])
+              for d in tasks.GRADED_DOMAINS}
     longest = {}
     for example in shipped["sft"]:
         first = next(i for i, m in enumerate(example["messages"]) if m["role"] == "assistant")
