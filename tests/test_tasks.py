@@ -281,7 +281,7 @@ def test_shipped_splits_load_cover_every_domain_and_are_disjoint(shipped):
         assert all(ends_with_answer) if split == "sft" else not any(ends_with_answer)
     assert not prompts["sft"] & prompts["rl"] and not prompts["sft"] & prompts["eval"] and not prompts["rl"] & prompts["eval"]
     size = sum((ROOT / "data" / f"{s}.jsonl").stat().st_size for s in shipped)
-    assert size < 8e6                     # tiny: a clone stays small (agent rows carry tool specs, longctx documents)
+    assert size < 9e6                     # tiny: a clone stays small (agent rows carry tool specs, longctx documents)
 
 
 def test_shipped_mcqa_thoughts_check_the_options_in_order_and_stop_at_the_right_one(shipped):
