@@ -92,8 +92,8 @@ DOMAIN_COUNTS = {
     "mcqa": {"sft": 2000, "rl": 400, "eval": 200},  # short rows
     "tool": {"sft": 700, "rl": 400, "eval": 200},  # examples 3-4 times longer (the tools in the prompt)
     "agent": {"sft": 500, "rl": 400, "eval": 200},  # whole multi-turn conversations, played through the environment
-    "swe": {"sft": 2000, "rl": 300, "eval": 200},  # tests run in the sandbox; 1,000 SFT rows left one seed in 3
-    # unable to write a constant's old value (docs/results.md, "The swe data")
+    "swe": {"sft": 2000, "rl": 300, "eval": 200},  # tests run in the sandbox; enough SFT rows that every seed learns
+    # each kind of patch (with 1,000, one seed in three wrote a constant's new value as its old: docs/results.md)
     "chat": {"sft": 800, "rl": 400, "eval": 200},  # short rows
     "longctx": {"sft": 400, "rl": 300, "eval": 200},  # examples 3-5 times longer (the document in the prompt)
 }
