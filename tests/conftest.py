@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +22,15 @@ def small_config(**overrides) -> ModelConfig:
 @pytest.fixture
 def make_config():
     return small_config
+
+
+@pytest.fixture(scope="session")
+def generate():
+    """data/generate.py, the shipped data's generator, as a module (it lives beside the data, outside the import
+    path): the tests that check the shipped rows against the rules that made them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
+    import generate
+    return generate
 
 
 @pytest.fixture

@@ -389,11 +389,9 @@ def test_chat_hidden_criteria(row, answer, met):
     assert tasks.chat.score(row, answer) == sum(met)
 
 
-def test_shipped_chat_answers_take_sentence_k_from_slot_k_and_slip_into_lists():
+def test_shipped_chat_answers_take_sentence_k_from_slot_k_and_slip_into_lists(generate):
     """No two sentences of an SFT chat answer share a predicate (sentence k's is from slot k), and the teacher's
     slip is a prose request answered as a list of the same kind of sentences."""
-    sys.path.insert(0, os.path.join(ROOT, "data"))
-    import generate
     rows = [r for r in map(json.loads, open(os.path.join(ROOT, "data", "sft.jsonl"))) if r["domain"] == "chat"]
     slips = [r for r in rows if "teacher_slip" in r]
     assert {r["format"] for r in slips} == {"prose"} and 0.25 < len(slips) / len(rows) < 0.45
@@ -413,9 +411,7 @@ def test_chat_rows_are_checked():
         tasks.example_from_row(dict(CHAT_ROW, topic="cats"))
 
 
-def test_shipped_judgements_follow_the_hidden_criteria():
-    sys.path.insert(0, os.path.join(ROOT, "data"))
-    import generate
+def test_shipped_judgements_follow_the_hidden_criteria(generate):
     rows = [json.loads(line) for line in open(os.path.join(ROOT, "data", "judge_sft.jsonl"))]
     assert len(rows) == generate.JUDGE_RATINGS and {r["domain"] for r in rows} == {"judge"}
     heldout = [json.loads(line) for line in open(os.path.join(ROOT, "data", "judge.jsonl"))]

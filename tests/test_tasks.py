@@ -3,7 +3,6 @@ scoring, and the shipped tiny data."""
 
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -284,11 +283,9 @@ def test_shipped_splits_load_cover_every_domain_and_are_disjoint(shipped):
     assert size < 9e6                     # tiny: a clone stays small (agent rows carry tool specs, longctx documents)
 
 
-def test_shipped_mcqa_thoughts_check_the_options_in_order_and_stop_at_the_right_one(shipped):
+def test_shipped_mcqa_thoughts_check_the_options_in_order_and_stop_at_the_right_one(shipped, generate):
     """The MCQA thought is the skill SFT teaches (the reward grades only the boxed letter): one line per option,
     in the prompt's order, each judged rightly, up to and including the answer's, whose letter it names."""
-    sys.path.insert(0, str(ROOT / "data"))
-    import generate
     rows = [e for e in shipped["sft"] if e["domain"] == "mcqa"]
     assert len(rows) == generate.split_counts("mcqa")["sft"]
     for e in rows:
@@ -373,13 +370,11 @@ def test_shipped_examples_fit_the_tiny_context(shipped):
             assert longest < long.get(domain, 200), f"{split} {domain}: {longest} tokens"
 
 
-def test_shipped_sft_turns_fit_the_tiny_presets_turn_budget(shipped):
+def test_shipped_sft_turns_fit_the_tiny_presets_turn_budget(shipped, generate):
     """Every assistant turn of the SFT rows, as the model writes it (through <|im_end|>), fits the per-turn token
     budget of the tiny RL preset (its held-out evaluations and every stage that trains the domain): a right answer
     the rollouts cut off earns 0, so SFT would teach an answer that RL and the scoreboard can never credit."""
     tokenizer = pytest.importorskip("tokenizer")
-    sys.path.insert(0, str(ROOT / "data"))
-    import generate
     import rl
     tok = tokenizer.load_tokenizer()
     cfg, stages, _ = rl.parse_args(["--config", str(ROOT / "configs" / "rl_tiny.json")])   # as rl.py runs it
@@ -396,9 +391,7 @@ def test_shipped_sft_turns_fit_the_tiny_presets_turn_budget(shipped):
     assert all(longest[d] <= budget[d] for d in longest), {d: (longest[d], budget[d]) for d in longest}
 
 
-def test_generator_is_deterministic_and_matches_the_shipped_files(shipped):
-    sys.path.insert(0, str(ROOT / "data"))
-    import generate
+def test_generator_is_deterministic_and_matches_the_shipped_files(shipped, generate):
     city_table = generate.build_city_table(0)
     for domain, make in (("math", generate.make_math), ("json", generate.make_json), ("mcqa", generate.make_mcqa),
                          ("tool", lambda r: generate.make_tool(r, city_table)), ("longctx", generate.make_longctx)):
